@@ -1,0 +1,44 @@
+"""amber-hunter: find illegal surface mining in high-resolution map tiles.
+
+The public API is listed in ``__all__``. Names are imported lazily (PEP 562) so that
+``import amber_hunter`` and ``amber-hunter --help`` stay instant: TensorFlow, XGBoost and
+scikit-image load only when a function that needs them is called.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "AmberHunterError": "errors",
+    "read_rgb": "images",
+    "Region": "segment",
+    "Segmentation": "segment",
+    "SlicParams": "segment",
+    "Embedder": "embed",
+    "get_embedder": "embed",
+    "Dataset": "dataset",
+    "Sample": "dataset",
+    "load_dataset": "dataset",
+    "ModelBundle": "classify",
+    "ModelMetadata": "classify",
+    "load_bundle": "classify",
+    "save_bundle": "classify",
+    "Detector": "detect",
+    "SceneResult": "detect",
+    "overlay": "detect",
+    "EvaluationReport": "evaluate",
+    "train_model": "workflows",
+    "evaluate_protocol": "workflows",
+    "evaluate_model": "workflows",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'amber_hunter' has no attribute {name!r}")

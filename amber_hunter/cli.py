@@ -1,0 +1,160 @@
+"""The ``amber-hunter`` command: option parsing and printing over the library API, nothing more.
+
+Every :class:`AmberHunterError` becomes one line on stderr and exit code 2; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import AmberHunterError
+
+EMBEDDER_HELP = "texture, vgg16, resnet50, or parts joined with '+' (e.g. vgg16+texture)"
+
+
+class Cli(click.Group):
+    """A group that reports user errors as one line instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AmberHunterError as exc:
+            click.echo(f"amber-hunter: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _progress(desc: str):
+    """A tqdm wrapper on stderr (items/s and ETA), for long embedding loops."""
+
+    def wrap(items):
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, unit="img", file=sys.stderr, disable=None)
+
+    return wrap
+
+
+def _embedder(name: str, resnet_weights: str):
+    from .embed import get_embedder
+
+    params = {"weights": resnet_weights}
+    if "+" in name:
+        return get_embedder(name, resnet50=params) if "resnet50" in name.split("+") else get_embedder(name)
+    return get_embedder(name, **params) if name == "resnet50" else get_embedder(name)
+
+
+def _write_json(path: str | None, obj: dict) -> None:
+    if path:
+        from . import atomic
+
+        atomic.write_json(path, obj)
+
+
+common_data = [
+    click.option("--labels", "labels_csv", type=click.Path(), help="CSV path,label,source,note that adds or overrides labels."),
+    click.option("--cache-dir", type=click.Path(file_okay=False), help="Embedding cache (default: user cache dir)."),
+    click.option("--resnet-weights", default="imagenet", show_default=True, help="imagenet | PATH | random (tests only)."),
+    click.option("--target-precision", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True,
+                 help="Pick the threshold that reaches this out-of-fold precision."),
+    click.option("--seed", type=int, default=0, show_default=True),
+]
+
+
+def data_options(f):
+    for option in reversed(common_data):
+        f = option(f)
+    return f
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="amber-hunter")
+def main():
+    """Find illegal surface mining (amber pits, sand and gold diggings) in map imagery."""
+
+
+@main.command()
+@click.argument("data_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--embedder", default="vgg16+texture", show_default=True, help=EMBEDDER_HELP)
+@click.option("--out", required=True, type=click.Path(), help="Model bundle directory to write.")
+@data_options
+def train(data_dirs, embedder, out, labels_csv, cache_dir, resnet_weights, target_precision, seed):
+    """Train a classifier on folders holding positive/ and negative/ crops."""
+    from .workflows import train_model
+
+    bundle = train_model(data_dirs, _embedder(embedder, resnet_weights), out, labels_csv=labels_csv,
+                         target_precision=target_precision, cache_dir=cache_dir, seed=seed,
+                         progress=_progress("embedding"))
+    m = bundle.metadata
+    click.echo(f"wrote {out}: {m.embedder}, {m.training['n_samples']} crops, threshold {m.threshold:.3f} "
+               f"(out-of-fold precision {m.metrics['oof_precision']:.3f}, recall {m.metrics['oof_recall']:.3f})")
+
+
+@main.command()
+@click.argument("data_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--embedder", default=None, help=EMBEDDER_HELP + " (cross-validation).")
+@click.option("--model", type=click.Path(), help="Score this bundle on DATA_DIR instead of cross-validating.")
+@click.option("--protocol", type=click.Choice(["seed-split", "grouped", "spatial"]), default="grouped", show_default=True)
+@click.option("--folds", type=click.IntRange(2, 50), default=5, show_default=True)
+@click.option("--axis", type=click.Choice(["lon", "lat"]), default="lon", show_default=True, help="Spatial bands along.")
+@click.option("--json", "json_out", type=click.Path(), help="Write the metrics here.")
+@click.option("--plot", type=click.Path(), help="PR-curve PNG (default: next to --json).")
+@data_options
+def evaluate(data_dirs, embedder, model, protocol, folds, axis, json_out, plot, labels_csv, cache_dir,
+             resnet_weights, target_precision, seed):
+    """Measure a detector: cross-validate an embedder, or score a trained --model."""
+    from .errors import ConfigError
+    from .workflows import evaluate_model, evaluate_protocol
+
+    plot = plot or (str(Path(json_out).with_suffix(".pr.png")) if json_out else None)
+    if model:
+        if embedder or len(data_dirs) != 1:
+            raise ConfigError("with --model give exactly one DATA_DIR and no --embedder (the model names its own)")
+        report = evaluate_model(data_dirs[0], model, labels_csv=labels_csv, cache_dir=cache_dir,
+                                progress=_progress("embedding"), plot=plot)
+    else:
+        report = evaluate_protocol(data_dirs, _embedder(embedder or "vgg16+texture", resnet_weights), protocol,
+                                   folds=folds, axis=axis, labels_csv=labels_csv, target_precision=target_precision,
+                                   cache_dir=cache_dir, seed=seed, progress=_progress("embedding"), plot=plot)
+    d = report.to_json()
+    _write_json(json_out, d)
+    click.echo(f"{d['protocol']}{' (' + d['axis'] + ')' if d['axis'] else ''} {d['embedder']}: "
+               f"precision {d['precision']:.3f} recall {d['recall']:.3f} F1 {d['f1']:.3f} F2 {d['f2']:.3f} "
+               f"ROC AUC {d['roc_auc']:.3f} PR AUC {d['pr_auc']:.3f} confusion {d['confusion']}")
+    if plot:
+        click.echo(f"PR curve: {plot}")
+
+
+@main.command()
+@click.argument("scene", type=click.Path())
+@click.option("--model", type=click.Path(), help="Model bundle (default: the bundled model).")
+@click.option("--min-positive", type=click.IntRange(0), default=2, show_default=True,
+              help="Flag the scene when more than this many superpixels are positive.")
+@click.option("--json", "json_out", type=click.Path(), help="Write the result here.")
+@click.option("--overlay", type=click.Path(), help="PNG with superpixels outlined and positives filled.")
+@click.option("--m-per-px", type=float, default=None, help="Ground resolution, to report areas in m².")
+@click.option("--allow-random", is_flag=True, help="Accept a model trained on random-weight features (tests).")
+def detect(scene, model, min_positive, json_out, overlay, m_per_px, allow_random):
+    """Classify the superpixels of one scene image and flag it as mining or not."""
+    from dataclasses import asdict
+
+    from .detect import Detector, overlay as draw_overlay
+    from .images import read_rgb, write_png
+
+    image = read_rgb(scene)
+    detector = Detector.load(model, min_positive=min_positive, allow_random=allow_random)
+    result, seg = detector.detect(image, m_per_px)
+    _write_json(json_out, {"scene": str(scene), **asdict(result)})
+    if overlay:
+        write_png(overlay, draw_overlay(image, seg, result))
+    click.echo(f"{scene}: {'FLAGGED' if result.flagged else 'clean'} — {result.n_positive} of "
+               f"{result.n_superpixels} superpixels positive (threshold {result.threshold:.3f}, max p {result.max_probability:.3f})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,50 @@
+"""Every error a user can cause, under one base class.
+
+The CLI turns an :class:`AmberHunterError` into a one-line message and exit code 2; anything
+else is a bug and keeps its traceback. So each message names the bad value *and* the fix,
+because that one line is all the user sees.
+"""
+
+
+class AmberHunterError(Exception):
+    """Base class: a problem with the user's input, data or environment, not a bug."""
+
+
+class ImageError(AmberHunterError):
+    """An image file that cannot be used: unreadable, corrupt, or of the wrong shape."""
+
+
+class DatasetError(AmberHunterError):
+    """A labelled dataset that cannot be trained or evaluated on."""
+
+
+class LabelsError(DatasetError):
+    """A labels CSV with unknown paths, unknown labels or a bad header."""
+
+
+class ModelBundleError(AmberHunterError):
+    """A model bundle that is missing, corrupt or incompatible with the request."""
+
+
+class EmbedderError(AmberHunterError):
+    """An unknown embedder, or one whose weights or libraries are not available."""
+
+
+class WeightsUnavailableError(EmbedderError):
+    """Pretrained weights that are neither cached nor downloadable."""
+
+
+class ConfigError(AmberHunterError):
+    """An option value or combination that makes no sense."""
+
+
+class AreaError(ConfigError):
+    """An area of interest that is empty, inverted or outside Web Mercator."""
+
+
+class TileSourceError(AmberHunterError):
+    """A tile source that cannot be opened or does not serve what was asked for."""
+
+
+class RunStoreError(AmberHunterError):
+    """A run directory that cannot be written, or a resume with a changed config."""

@@ -1,0 +1,353 @@
+"""Web Mercator tile math: areas of interest, the tiles and scenes covering them, pixel geography.
+
+Pure functions on numbers, no file or network access, so every rule here can be property-tested
+in isolation and the scan can plan its work before it opens a tile source. Tile ids, bounds and
+quadkeys come from mercantile; this module adds what the scan needs on top: validated areas
+(a bbox or GeoJSON polygons), polygon-exact covers, and *scenes*, the square blocks of tiles that
+are stitched into one image because the study segmented ~1000 px scenes, not single tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass
+from typing import Iterator, Mapping, Sequence
+
+import mercantile
+import numpy as np
+
+from .errors import AreaError, ConfigError
+
+#: Highest latitude Web Mercator can show, ``atan(sinh(pi))`` in degrees.
+MAX_LAT = math.degrees(math.atan(math.sinh(math.pi)))
+MAX_ZOOM = 24
+#: Metres per pixel at the equator at zoom 0 for 256 px tiles: 2 * pi * 6378137 m / 256.
+_M_PER_PX_Z0 = 156543.03392
+
+#: A polygon ring as ``(lon, lat)`` vertices, implicitly closed (no repeated last vertex).
+Ring = tuple[tuple[float, float], ...]
+#: A polygon as its exterior ring followed by its holes.
+Polygon = tuple[Ring, ...]
+_Segment = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A lon/lat rectangle in degrees."""
+
+    west: float
+    south: float
+    east: float
+    north: float
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """``(lon, lat)`` of the middle of the rectangle."""
+        return (self.west + self.east) / 2, (self.south + self.north) / 2
+
+
+@dataclass(frozen=True)
+class Area:
+    """An area of interest: its bounding box and, for a GeoJSON area, the polygons themselves.
+
+    A bbox area has no polygons: the rectangle is the area. A polygon area keeps the exact
+    outline so a scan of a winding river valley does not pay for its whole bounding box.
+    """
+
+    bounds: Bounds
+    polygons: tuple[Polygon, ...] = ()
+
+
+@dataclass(frozen=True)
+class SceneCell:
+    """A square block of ``size x size`` tiles at ``zoom``, with top-left tile ``(x0, y0)``.
+
+    Cells are aligned to multiples of ``size``, so every tile belongs to exactly one cell and a
+    cell's id is stable across runs and areas: a resumed or overlapping scan finds the same cells.
+    """
+
+    zoom: int
+    x0: int
+    y0: int
+    size: int
+
+    @property
+    def scene_id(self) -> str:
+        """``"zoom/x0/y0/size"``, e.g. ``"18/146432/88928/4"``."""
+        return f"{self.zoom}/{self.x0}/{self.y0}/{self.size}"
+
+    @property
+    def tiles(self) -> list[mercantile.Tile]:
+        """The cell's tiles in row-major order, the order they are stitched in."""
+        return [
+            mercantile.Tile(self.x0 + dx, self.y0 + dy, self.zoom)
+            for dy in range(self.size)
+            for dx in range(self.size)
+        ]
+
+    @property
+    def bounds(self) -> Bounds:
+        """Lon/lat bounds of the whole cell."""
+        nw = tile_bounds(mercantile.Tile(self.x0, self.y0, self.zoom))
+        se = tile_bounds(mercantile.Tile(self.x0 + self.size - 1, self.y0 + self.size - 1, self.zoom))
+        return Bounds(nw.west, se.south, se.east, nw.north)
+
+    def m_per_px(self, tile_size: int = 256) -> float:
+        """Ground resolution at the cell's centre latitude: one number for the whole scene, off by
+        well under 0.1 % at its north and south edges for zoom-18 scenes."""
+        return ground_resolution(self.bounds.centre[1], self.zoom, tile_size)
+
+    def pixel_to_lonlat(self, row: float | np.ndarray, col: float | np.ndarray, tile_size: int = 256):
+        """Map pixel coordinates of the stitched scene image to ``(lon, lat)``.
+
+        Coordinates are continuous: ``(0, 0)`` is the north-west corner of the top-left pixel,
+        ``(size * tile_size, size * tile_size)`` the south-east corner of the image, and a pixel's
+        centre is at ``(r + 0.5, c + 0.5)``. ``row`` and ``col`` may be numpy arrays (a superpixel
+        outline, say), which are converted in one vectorised call.
+        """
+        world = tile_size * 2.0**self.zoom
+        x = (self.x0 * tile_size + np.asarray(col, dtype=float)) / world
+        y = (self.y0 * tile_size + np.asarray(row, dtype=float)) / world
+        return x * 360.0 - 180.0, np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * y))))
+
+
+# --- areas -------------------------------------------------------------------------------------
+
+
+def parse_area(value: Area | str | Sequence[float] | Mapping) -> Area:
+    """Accept any form of area the CLI or a caller holds: an Area, a ``"W,S,E,N"`` string, four
+    numbers, or a loaded GeoJSON object."""
+    if isinstance(value, Area):
+        return value
+    if isinstance(value, Mapping):
+        return parse_geojson(value)
+    if isinstance(value, (str, Sequence)):
+        return parse_bbox(value)
+    raise AreaError(f"area {value!r} is neither a bbox nor GeoJSON; give W,S,E,N or a GeoJSON polygon")
+
+
+def parse_bbox(value: str | Sequence[float]) -> Area:
+    """Parse a ``W,S,E,N`` bbox in degrees, as a string or four numbers."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        w, s, e, n = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise AreaError(
+            f"bbox {value!r} is not four numbers; give W,S,E,N in degrees, e.g. 13.30,52.45,13.45,52.55"
+        ) from None
+    for lon, lat in ((w, s), (e, n)):
+        _check_lonlat(lon, lat, f"bbox {value!r}")
+    return Area(_ordered_bounds(w, s, e, n, f"bbox {value!r}"))
+
+
+def parse_geojson(obj: Mapping) -> Area:
+    """Read the Polygon/MultiPolygon geometries of a loaded GeoJSON object into one Area.
+
+    Accepts a FeatureCollection, a Feature or a bare geometry; the area is the union of all
+    polygons. Coordinates must be lon/lat (WGS 84), as RFC 7946 requires.
+    """
+    polygons = tuple(_polygons(obj, "GeoJSON"))
+    if not polygons:
+        raise AreaError("GeoJSON has no polygons; the area must contain a Polygon or MultiPolygon")
+    lons = [lon for polygon in polygons for lon, _ in polygon[0]]
+    lats = [lat for polygon in polygons for _, lat in polygon[0]]
+    return Area(_ordered_bounds(min(lons), min(lats), max(lons), max(lats), "GeoJSON area"), polygons)
+
+
+def _polygons(obj: object, where: str) -> Iterator[Polygon]:
+    """The polygons of one GeoJSON object, recursing through collections and features."""
+    kind = obj.get("type") if isinstance(obj, Mapping) else None
+    if kind == "FeatureCollection":
+        for i, feature in enumerate(obj.get("features") or ()):
+            yield from _polygons(feature, f"{where} feature {i}")
+    elif kind == "Feature":
+        yield from _polygons(obj.get("geometry"), where)
+    elif kind == "Polygon":
+        yield _polygon(obj.get("coordinates"), where)
+    elif kind == "MultiPolygon":
+        for coordinates in obj.get("coordinates") or ():
+            yield _polygon(coordinates, where)
+    else:
+        raise AreaError(f"{where}: type {kind!r} cannot be an area; use a Polygon or MultiPolygon geometry")
+
+
+def _polygon(coordinates: object, where: str) -> Polygon:
+    try:
+        rings = tuple(tuple((float(p[0]), float(p[1])) for p in ring) for ring in coordinates)
+    except (TypeError, ValueError, IndexError):
+        raise AreaError(f"{where}: malformed Polygon coordinates; expected [[[lon, lat], ...], ...]") from None
+    rings = tuple(ring[:-1] if len(ring) > 1 and ring[0] == ring[-1] else ring for ring in rings)
+    if not rings or any(len(ring) < 3 for ring in rings):
+        raise AreaError(f"{where}: a polygon ring has fewer than 3 distinct vertices; fix or drop that polygon")
+    for ring in rings:
+        for lon, lat in ring:
+            _check_lonlat(lon, lat, where)
+    return rings
+
+
+def _check_lonlat(lon: float, lat: float, where: str) -> None:
+    if not (math.isfinite(lon) and math.isfinite(lat)):
+        raise AreaError(f"{where}: coordinate ({lon}, {lat}) is not finite; give numbers in degrees")
+    if abs(lon) > 180 or abs(lat) > MAX_LAT:
+        raise AreaError(
+            f"{where}: coordinate ({lon}, {lat}) is outside Web Mercator; use lon/lat degrees (EPSG:4326) "
+            f"with lon within ±180 and lat within ±{MAX_LAT:.4f}"
+        )
+
+
+def _ordered_bounds(w: float, s: float, e: float, n: float, where: str) -> Bounds:
+    if w >= e or s >= n:
+        raise AreaError(
+            f"{where} is empty or inverted (W={w}, S={s}, E={e}, N={n}); W must be < E and S < N "
+            "(split an area crossing the antimeridian in two)"
+        )
+    return Bounds(w, s, e, n)
+
+
+# --- tiles -------------------------------------------------------------------------------------
+
+
+def tile_bounds(tile: mercantile.Tile) -> Bounds:
+    """Lon/lat bounds of a tile."""
+    return Bounds(*mercantile.bounds(tile))
+
+
+def tile_to_quadkey(tile: mercantile.Tile) -> str:
+    """Bing-style quadkey of a tile (``""`` for the zoom-0 tile)."""
+    return mercantile.quadkey(tile)
+
+
+def quadkey_to_tile(quadkey: str) -> mercantile.Tile:
+    """The tile a quadkey names.
+
+    Checked here rather than by catching mercantile's QuadKeyError, whose base class is changing.
+    """
+    if not (isinstance(quadkey, str) and set(quadkey) <= set("0123") and len(quadkey) <= MAX_ZOOM):
+        raise ConfigError(f"quadkey {quadkey!r} is invalid; quadkeys are up to {MAX_ZOOM} digits 0-3")
+    return mercantile.quadkey_to_tile(quadkey)
+
+
+def flip_y(tile: mercantile.Tile) -> int:
+    """The TMS row of a tile (rows counted from the south), as MBTiles and ``{-y}`` URLs use."""
+    return 2**tile.z - 1 - tile.y
+
+
+def ground_resolution(lat: float, zoom: int, tile_size: int = 256) -> float:
+    """Metres per pixel at latitude ``lat``: Mercator stretches the map by ``1 / cos(lat)``."""
+    _check_zoom(zoom)
+    _check_lonlat(0.0, lat, "latitude")
+    return _M_PER_PX_Z0 * 256 / tile_size * math.cos(math.radians(lat)) / 2**zoom
+
+
+def tiles_covering(area: Area | str | Sequence[float] | Mapping, zoom: int) -> list[mercantile.Tile]:
+    """The tiles at ``zoom`` that share some area with the area of interest, row-major (by y, then x).
+
+    A tile that merely touches the area along an edge or at a corner is left out, as mercantile
+    does for a bbox: an outline drawn along tile or scene edges (a common way to mark an area)
+    would otherwise drag in a ring of useless neighbours. Tiles inside holes or between the
+    polygons of a MultiPolygon are left out too.
+    """
+    area = parse_area(area)
+    _check_zoom(zoom)
+    if area.polygons:
+        tiles = _polygon_cover(area.polygons, zoom)
+    else:
+        # mercantile pulls the east and south edges in by LL_EPSILON degrees so that a tile's own
+        # bounds cover just that tile; a bbox thinner than that would get no tiles at all.
+        w, s, e, n = astuple(area.bounds)
+        pad = 2 * mercantile.LL_EPSILON
+        tiles = mercantile.tiles(w, s, max(e, w + pad), max(n, s + pad), zoom)
+    return sorted(tiles, key=lambda t: (t.y, t.x))
+
+
+def scene_grid(
+    area: Area | str | Sequence[float] | Mapping, zoom: int = 18, scene_tiles: int = 4
+) -> Iterator[SceneCell]:
+    """The scene cells covering the area, row-major (by y, then x).
+
+    An aligned block of ``2**k x 2**k`` tiles at ``zoom`` is exactly one tile at ``zoom - k``, so
+    the cells are the cover at that coarser zoom: a cell is kept if and only if one of its tiles
+    is in the cover at ``zoom``. Arguments are checked here, before the first cell is asked for.
+    """
+    area = parse_area(area)
+    _check_zoom(zoom)
+    if not (isinstance(scene_tiles, int) and scene_tiles >= 1 and scene_tiles & (scene_tiles - 1) == 0) or (
+        scene_tiles > 2**zoom
+    ):
+        raise ConfigError(
+            f"scene_tiles={scene_tiles!r} must be a power of two no larger than {2**zoom} at zoom {zoom}; "
+            "use e.g. 4 (1024 px scenes from 256 px tiles)"
+        )
+    k = scene_tiles.bit_length() - 1
+    cells = tiles_covering(area, zoom - k)
+    return (SceneCell(zoom, t.x << k, t.y << k, scene_tiles) for t in cells)
+
+
+def _check_zoom(zoom: int) -> None:
+    if isinstance(zoom, bool) or not isinstance(zoom, int) or not 0 <= zoom <= MAX_ZOOM:
+        raise ConfigError(f"zoom {zoom!r} is not a whole number from 0 to {MAX_ZOOM}; e.g. 18 for ~0.5 m/px")
+
+
+# --- polygon cover -----------------------------------------------------------------------------
+
+
+def _polygon_cover(polygons: tuple[Polygon, ...], zoom: int) -> Iterator[mercantile.Tile]:
+    """Quadtree descent from the zoom-0 tile, passing each tile only the edges that cross it.
+
+    A tile whose interior no edge crosses is wholly inside or wholly outside the area, which one
+    point-in-polygon test at its centre decides; inside, all its descendants at ``zoom`` are in
+    the cover without further tests. An edge through a tile's interior has area on its inner side
+    right there, so such a tile is in the cover. Work grows with the outline, not the area.
+    """
+    edges = [(*a, *b) for polygon in polygons for ring in polygon for a, b in _ring_edges(ring)]
+    stack = [(mercantile.Tile(0, 0, 0), edges)]
+    while stack:
+        tile, candidates = stack.pop()
+        bounds = tile_bounds(tile)
+        crossing = [edge for edge in candidates if _crosses_interior(edge, bounds)]
+        if not crossing:
+            if _inside(polygons, *bounds.centre):
+                shift = zoom - tile.z
+                for y in range(tile.y << shift, (tile.y + 1) << shift):
+                    for x in range(tile.x << shift, (tile.x + 1) << shift):
+                        yield mercantile.Tile(x, y, zoom)
+        elif tile.z == zoom:
+            yield tile
+        else:
+            stack.extend((child, crossing) for child in mercantile.children(tile))
+
+
+def _ring_edges(ring: Ring):
+    return zip(ring, ring[1:] + ring[:1])
+
+
+def _crosses_interior(segment: _Segment, b: Bounds) -> bool:
+    """Whether a segment meets the open interior of a rectangle (Liang-Barsky clipping with
+    strict inequalities, so running along an edge or through a corner does not count)."""
+    x0, y0, x1, y1 = segment
+    dx, dy = x1 - x0, y1 - y0
+    t0, t1 = 0.0, 1.0
+    for p, q in ((-dx, x0 - b.west), (dx, b.east - x0), (-dy, y0 - b.south), (dy, b.north - y0)):
+        if p == 0:
+            if q <= 0:
+                return False
+            continue
+        t = q / p
+        if p < 0:
+            t0 = max(t0, t)
+        else:
+            t1 = min(t1, t)
+    return t0 < t1
+
+
+def _inside(polygons: tuple[Polygon, ...], lon: float, lat: float) -> bool:
+    """Even-odd ray casting per polygon (holes flip the parity back), then any polygon."""
+    for polygon in polygons:
+        crossings = 0
+        for ring in polygon:
+            for (x0, y0), (x1, y1) in _ring_edges(ring):
+                if (y0 > lat) != (y1 > lat) and lon < x0 + (lat - y0) * (x1 - x0) / (y1 - y0):
+                    crossings += 1
+        if crossings % 2:
+            return True
+    return False

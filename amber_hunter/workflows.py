@@ -1,0 +1,156 @@
+"""The library API behind ``train`` and ``evaluate``: datasets in, bundles and reports out.
+
+The CLI only parses options and prints; notebooks and scripts call these same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .cache import embed_files
+from .classify import (
+    TARGET_PRECISION,
+    XGB_PARAMS,
+    ModelBundle,
+    ModelMetadata,
+    fit_with_threshold,
+    load_bundle,
+    resolve_model,
+    now_iso,
+    save_bundle,
+)
+from .dataset import Dataset, load_dataset
+from .embed import Embedder, cnn_columns, get_embedder
+from .evaluate import EvaluationReport, compute_metrics, evaluate_features, plot_pr_curve
+from .segment import SlicParams
+
+
+def embed_dataset(dataset: Dataset, embedder: Embedder, cache_dir=None, progress: Callable | None = None):
+    """Embeddings of every sample (through the content-hash cache) and the image hashes."""
+    return embed_files(dataset.paths, embedder, cache_dir, progress)
+
+
+def _uses_random_weights(embedder: Embedder) -> bool:
+    parts = getattr(embedder, "parts", [embedder])
+    return any(getattr(p, "random_weights", False) for p in parts)
+
+
+def train_model(
+    data_dirs: Sequence[str | Path],
+    embedder: str | Embedder,
+    out: str | Path,
+    *,
+    labels_csv: str | Path | None = None,
+    target_precision: float = TARGET_PRECISION,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> ModelBundle:
+    """Train a bundle on labelled folders and write it atomically to ``out``."""
+    dataset = load_dataset(data_dirs, labels_csv)
+    embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
+    features, hashes = embed_dataset(dataset, embedder, cache_dir, progress)
+    columns = cnn_columns(embedder)
+    classifier, choice = fit_with_threshold(features, dataset.labels, dataset.groups, columns, target_precision, seed)
+    metadata = ModelMetadata(
+        embedder=embedder.name,
+        embedder_version=embedder.version,
+        embedder_params=embedder.params,
+        dim=embedder.dim,
+        cnn_columns=[list(r) for r in columns],
+        threshold=choice.threshold,
+        target_precision=target_precision,
+        slic=asdict(SlicParams()),
+        training={
+            **dataset.summary(),
+            "data_hash": dataset.content_hash(hashes),
+            "sources": [str(Path(d)) for d in data_dirs],
+            "labels_csv": None if labels_csv is None else str(labels_csv),
+            "seed": seed,
+        },
+        metrics={
+            "oof_precision": choice.precision,
+            "oof_recall": choice.recall,
+            "met_target_precision": choice.met_target,
+        },
+        xgb_params=XGB_PARAMS,
+        random_weights=_uses_random_weights(embedder),
+        package_version=__version__,
+        created=now_iso(),
+    )
+    bundle = ModelBundle(metadata, classifier)
+    save_bundle(bundle, out)
+    return bundle
+
+
+def evaluate_protocol(
+    data_dirs: Sequence[str | Path],
+    embedder: str | Embedder,
+    protocol: str,
+    *,
+    folds: int = 5,
+    axis: str = "lon",
+    labels_csv: str | Path | None = None,
+    target_precision: float = TARGET_PRECISION,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: Callable | None = None,
+    plot: str | Path | None = None,
+) -> EvaluationReport:
+    """Cross-validate an embedder on labelled folders under one protocol."""
+    dataset = load_dataset(data_dirs, labels_csv)
+    embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
+    features, _ = embed_dataset(dataset, embedder, cache_dir, progress)
+    report, y, probs = evaluate_features(
+        features,
+        dataset.labels,
+        dataset.groups,
+        [p.name for p in dataset.paths],
+        protocol=protocol,
+        embedder=embedder.name,
+        cnn_columns=cnn_columns(embedder),
+        folds=folds,
+        coords=dataset.coordinates(axis) if protocol == "spatial" else None,
+        axis=axis,
+        target_precision=target_precision,
+        seed=seed,
+    )
+    if plot is not None:
+        plot_pr_curve(y, probs, f"{embedder.name}, {protocol}" + (f" ({axis})" if protocol == "spatial" else ""), plot)
+    return report
+
+
+def evaluate_model(
+    data_dir: str | Path,
+    model: str | Path,
+    *,
+    labels_csv: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Callable | None = None,
+    plot: str | Path | None = None,
+) -> EvaluationReport:
+    """Score a trained bundle, at its own threshold, on another labelled folder."""
+    bundle = load_bundle(resolve_model(model))
+    meta = bundle.metadata
+    dataset = load_dataset([data_dir], labels_csv)
+    embedder = get_embedder(meta.embedder, **meta.embedder_params)
+    bundle.check_embedder(embedder.name, embedder.version)
+    features, _ = embed_dataset(dataset, embedder, cache_dir, progress)
+    probs = bundle.predict_proba(features)
+    y = dataset.labels
+    half = compute_metrics(y, probs, (probs >= 0.5).astype(np.int32))
+    report = EvaluationReport(
+        protocol="external",
+        embedder=meta.embedder,
+        metrics=compute_metrics(y, probs, (probs >= meta.threshold).astype(np.int32)),
+        at_half={"precision": half.precision, "recall": half.recall, "f1": half.f1},
+        target_precision=meta.target_precision,
+    )
+    if plot is not None:
+        plot_pr_curve(y, probs, f"{meta.embedder} model on {Path(data_dir).name}", plot)
+    return report

@@ -1,0 +1,169 @@
+"""Real HTTP tile servers on 127.0.0.1 for the fetch tests, healthy or misbehaving on purpose.
+
+The retry logic is only believable against real sockets: truncated bodies and read timeouts
+surface as different exceptions in requests/urllib3 than any mock would raise. Servers bind to
+port 0 on 127.0.0.1 only, run in a background thread, and always shut down when their ``with``
+block ends. They speak HTTP/1.0 (one request per connection), so no idle keep-alive connection
+can hold up the shutdown, and slow responses wait on an event that shutdown sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator, Literal, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import mercantile
+import numpy as np
+
+from amber_hunter.images import encode_png
+
+
+@dataclass(frozen=True)
+class Fault:
+    """How a faulty server misbehaves.
+
+    Per path, ``failures`` bad responses come before each good one (1: every other request
+    fails, starting with the first), or every response is bad if ``failures`` is None. A bad
+    response is an HTTP ``status`` (with ``retry_after`` as its Retry-After header), a body cut to
+    half its announced Content-Length (``truncate``), or the good response sent only after
+    ``delay`` seconds (``slow``).
+    """
+
+    kind: Literal["status", "truncate", "slow"]
+    status: int = 500
+    retry_after: str | None = None
+    failures: int | None = 1
+    delay: float = 0.5
+
+    def fails(self, n: int) -> bool:
+        """Whether the ``n``-th request (from 0) for a path gets a bad response."""
+        return self.failures is None or n % (self.failures + 1) < self.failures
+
+
+class TileServer(ThreadingHTTPServer):
+    """Serves files under ``root`` by URL path (the query string is ignored) and counts hits."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        root: Path,
+        fault: Fault | None = None,
+        no_content: Sequence[str] = (),
+        headers: Mapping[str, str] | None = None,
+    ):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = Path(root).resolve()
+        self.fault = fault
+        self.no_content = frozenset(no_content)
+        self.extra_headers = dict(headers or {})
+        self.stopping = threading.Event()
+        self.hits: Counter[str] = Counter()
+        #: ``(path with query, headers)`` of every request, in arrival order.
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def record(self, target: str, headers: Mapping[str, str]) -> int:
+        """Log a request; return how many earlier requests asked for the same path."""
+        path = urlsplit(target).path
+        with self._lock:
+            self.requests.append((target, dict(headers)))
+            n = self.hits[path]
+            self.hits[path] += 1
+            return n
+
+    def handle_error(self, request, client_address):
+        # A client that gave up on a slow or truncated response leaves a broken pipe behind.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: TileServer
+    timeout = 5  # socket timeout: a stuck client cannot pin a handler thread
+
+    def log_message(self, format, *args):
+        pass
+
+    def do_GET(self):
+        server = self.server
+        path = urlsplit(self.path).path
+        n = server.record(self.path, self.headers)
+        fault = server.fault
+        failing = fault is not None and fault.fails(n)
+        if failing and fault.kind == "status":
+            self.send_response(fault.status)
+            if fault.retry_after is not None:
+                self.send_header("Retry-After", fault.retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if failing and fault.kind == "slow":
+            server.stopping.wait(fault.delay)
+        if path in server.no_content:
+            self.send_response(204)
+            self.end_headers()
+            return
+        file = (server.root / path.lstrip("/")).resolve()
+        if not file.is_relative_to(server.root) or not file.is_file():
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = file.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in server.extra_headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if failing and fault.kind == "truncate" else body)
+
+
+@contextlib.contextmanager
+def tile_server(
+    root: str | Path,
+    *,
+    fault: Fault | None = None,
+    no_content: Sequence[str] = (),
+    headers: Mapping[str, str] | None = None,
+) -> Iterator[TileServer]:
+    """Run a TileServer for the ``with`` block; ``no_content`` paths answer 204, absent files 404."""
+    server = TileServer(Path(root), fault, no_content, headers)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def png_bytes(seed: int, size: int = 32) -> bytes:
+    """A small random RGB PNG, different for every seed."""
+    rng = np.random.default_rng(seed)
+    return encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def write_tile_folder(root: Path, tiles: Sequence[mercantile.Tile], suffix: str = ".png") -> dict:
+    """Write a PNG per tile as ``{root}/{z}/{x}/{y}{suffix}``; return ``{tile: bytes}``."""
+    written = {}
+    for i, tile in enumerate(tiles):
+        path = Path(root) / str(tile.z) / str(tile.x) / f"{tile.y}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written[tile] = png_bytes(i)
+        path.write_bytes(written[tile])
+    return written

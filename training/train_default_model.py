@@ -1,0 +1,67 @@
+"""Train the model bundles that ship inside the package, then check them on the example scenes.
+
+    python training/train_default_model.py [--data DIR] [--seed 0]
+
+Writes ``amber_hunter/models/default`` (vgg16+texture: the best spatial-protocol result, see the
+README's table) and ``amber_hunter/models/fast`` (texture only: 10x faster, for CPU-only sweeps
+of large regions), both trained on every labelled crop of the Texty dataset. Then runs ``detect``
+on the six example scenes and exits non-zero unless exactly the three positive ones are flagged.
+The run is reproducible: same data, same seed, same bundles (up to the creation time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from amber_hunter.classify import bundled_model_path
+from amber_hunter.data import find_texty_dataset
+from amber_hunter.detect import Detector
+from amber_hunter.images import read_rgb
+from amber_hunter.workflows import train_model
+
+
+#: Bundled name -> embedder. Why these: README, "Choosing the default embedder".
+BUNDLES = {"default": "vgg16+texture", "fast": "texture"}
+#: The shipped operating point. The CLI default is 0.95 (the study's "precision is a must"), but
+#: a scene is flagged only when three or more superpixels are positive, which is a second,
+#: independent precision filter; 0.90 per superpixel buys ~10 points of recall for it.
+TARGET_PRECISION = 0.90
+
+
+def check_examples(data: Path, model: Path) -> bool:
+    """Detect on example/positive1-3 and negative1-3; True when exactly the positives are flagged."""
+    detector = Detector.load(model)
+    ok = True
+    for scene in sorted((data / "example").glob("*.png")):
+        result, _ = detector.detect(read_rgb(scene))
+        expected = scene.stem.startswith("positive")
+        ok &= result.flagged == expected
+        print(f"  {scene.name:16s} {'FLAGGED' if result.flagged else 'clean  '} {result.n_positive:2d}/"
+              f"{result.n_superpixels} positive  {'ok' if result.flagged == expected else 'WRONG'}")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="labelled folder (default: the texty dataset)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=sorted(BUNDLES), help="train just this bundle")
+    args = parser.parse_args()
+    data = find_texty_dataset(args.data)
+    ok = True
+    for name, embedder in BUNDLES.items():
+        if args.only and name != args.only:
+            continue
+        out = bundled_model_path(name)
+        bundle = train_model([data], embedder, out, target_precision=TARGET_PRECISION, seed=args.seed)
+        m = bundle.metadata
+        print(f"{name}: {embedder}, threshold {m.threshold:.3f}, out-of-fold precision "
+              f"{m.metrics['oof_precision']:.3f} recall {m.metrics['oof_recall']:.3f} -> {out}")
+        ok &= check_examples(data, out)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
