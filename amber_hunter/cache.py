@@ -59,7 +59,9 @@ class EmbeddingCache:
         if self.dir.is_dir():
             for shard in sorted(self.dir.glob("*.parquet")):
                 table = pq.read_table(shard)
-                for h, v in zip(table.column("hash").to_pylist(), table.column("vector").to_numpy(zero_copy_only=False)):
+                for h, v in zip(
+                    table.column("hash").to_pylist(), table.column("vector").to_numpy(zero_copy_only=False)
+                ):
                     self._vectors[h] = np.asarray(v, np.float32)
 
     def __contains__(self, digest: str) -> bool:

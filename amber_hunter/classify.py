@@ -101,8 +101,13 @@ class LinearHead:
         mean, scale = z.mean(axis=0), z.std(axis=0) + 1e-6
         model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
         model.fit((z - mean) / scale, labels)
-        return cls([list(r) for r in columns], mean.astype(np.float32), scale.astype(np.float32),
-                   model.coef_[0].astype(np.float32), float(model.intercept_[0]))
+        return cls(
+            [list(r) for r in columns],
+            mean.astype(np.float32),
+            scale.astype(np.float32),
+            model.coef_[0].astype(np.float32),
+            float(model.intercept_[0]),
+        )
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """The linear logit of each row."""
@@ -110,8 +115,13 @@ class LinearHead:
         return z @ self.coef + np.float32(self.intercept)
 
     def to_json(self) -> dict:
-        return {"columns": self.columns, "mean": self.mean.tolist(), "scale": self.scale.tolist(),
-                "coef": self.coef.tolist(), "intercept": self.intercept}
+        return {
+            "columns": self.columns,
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "LinearHead":
@@ -146,8 +156,9 @@ def fit_booster(features: np.ndarray, labels: np.ndarray, seed: int = 0, params:
 
     params = {**XGB_PARAMS, **(params or {})}
     n_pos = max(int(labels.sum()), 1)
-    model = xgb.XGBClassifier(**params, scale_pos_weight=(len(labels) - n_pos) / n_pos, random_state=seed,
-                              n_jobs=0, eval_metric="logloss")
+    model = xgb.XGBClassifier(
+        **params, scale_pos_weight=(len(labels) - n_pos) / n_pos, random_state=seed, n_jobs=0, eval_metric="logloss"
+    )
     model.fit(features, labels)
     return model.get_booster()
 
@@ -192,8 +203,15 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_precision: fl
     return ThresholdChoice(float(thresholds[i]), float(precision[i]), float(recall[i]), False)
 
 
-def fit_with_threshold(features, labels, groups, cnn_columns=(), target_precision: float = TARGET_PRECISION,
-                       seed: int = 0, inner_folds: int = 3) -> tuple[Classifier, ThresholdChoice]:
+def fit_with_threshold(
+    features,
+    labels,
+    groups,
+    cnn_columns=(),
+    target_precision: float = TARGET_PRECISION,
+    seed: int = 0,
+    inner_folds: int = 5,
+) -> tuple[Classifier, ThresholdChoice]:
     """Fit on everything and pick the threshold on grouped out-of-fold predictions.
 
     The threshold must come from predictions on scenes the classifier did not see, or it would be
@@ -275,14 +293,18 @@ def load_bundle(path: str | Path) -> ModelBundle:
 
     path = Path(path)
     if not path.is_dir():
-        raise ModelBundleError(f"model bundle {path} does not exist; train one with 'amber-hunter train' or omit --model")
+        raise ModelBundleError(
+            f"model bundle {path} does not exist; train one with 'amber-hunter train' or omit --model"
+        )
     for name in ("model.json", "xgb.json"):
         if not (path / name).is_file():
             raise ModelBundleError(f"model bundle {path} has no {name}; it is incomplete, retrain it")
     try:
         raw = json.loads((path / "model.json").read_text())
         if raw.get("format") != BUNDLE_FORMAT:
-            raise ModelBundleError(f"{path}/model.json has format {raw.get('format')!r}, this version reads {BUNDLE_FORMAT}; retrain it")
+            raise ModelBundleError(
+                f"{path}/model.json has format {raw.get('format')!r}, this version reads {BUNDLE_FORMAT}; retrain it"
+            )
         metadata = ModelMetadata(**raw)
         head = LinearHead.from_json(json.loads((path / "linear.json").read_text())) if metadata.cnn_columns else None
     except (json.JSONDecodeError, TypeError, AttributeError, KeyError, FileNotFoundError) as exc:
@@ -294,7 +316,9 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise ModelBundleError(f"{path}/xgb.json is not a readable XGBoost model; retrain the model") from None
     n_tree = metadata.dim if head is None else metadata.dim - len(_column_index(head.columns)) + 1
     if booster.num_features() != n_tree:
-        raise ModelBundleError(f"{path}: booster has {booster.num_features()} features, model.json implies {n_tree}; retrain it")
+        raise ModelBundleError(
+            f"{path}: booster has {booster.num_features()} features, model.json implies {n_tree}; retrain it"
+        )
     return ModelBundle(metadata, Classifier(booster, head, metadata.dim))
 
 

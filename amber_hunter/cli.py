@@ -6,7 +6,6 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -57,11 +56,20 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 
 common_data = [
-    click.option("--labels", "labels_csv", type=click.Path(), help="CSV path,label,source,note that adds or overrides labels."),
+    click.option(
+        "--labels", "labels_csv", type=click.Path(), help="CSV path,label,source,note that adds or overrides labels."
+    ),
     click.option("--cache-dir", type=click.Path(file_okay=False), help="Embedding cache (default: user cache dir)."),
-    click.option("--resnet-weights", default="imagenet", show_default=True, help="imagenet | PATH | random (tests only)."),
-    click.option("--target-precision", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True,
-                 help="Pick the threshold that reaches this out-of-fold precision."),
+    click.option(
+        "--resnet-weights", default="imagenet", show_default=True, help="imagenet | PATH | random (tests only)."
+    ),
+    click.option(
+        "--target-precision",
+        type=click.FloatRange(0.0, 1.0),
+        default=0.95,
+        show_default=True,
+        help="Pick the threshold that reaches this out-of-fold precision.",
+    ),
     click.option("--seed", type=int, default=0, show_default=True),
 ]
 
@@ -87,26 +95,52 @@ def train(data_dirs, embedder, out, labels_csv, cache_dir, resnet_weights, targe
     """Train a classifier on folders holding positive/ and negative/ crops."""
     from .workflows import train_model
 
-    bundle = train_model(data_dirs, _embedder(embedder, resnet_weights), out, labels_csv=labels_csv,
-                         target_precision=target_precision, cache_dir=cache_dir, seed=seed,
-                         progress=_progress("embedding"))
+    bundle = train_model(
+        data_dirs,
+        _embedder(embedder, resnet_weights),
+        out,
+        labels_csv=labels_csv,
+        target_precision=target_precision,
+        cache_dir=cache_dir,
+        seed=seed,
+        progress=_progress("embedding"),
+    )
     m = bundle.metadata
-    click.echo(f"wrote {out}: {m.embedder}, {m.training['n_samples']} crops, threshold {m.threshold:.3f} "
-               f"(out-of-fold precision {m.metrics['oof_precision']:.3f}, recall {m.metrics['oof_recall']:.3f})")
+    click.echo(
+        f"wrote {out}: {m.embedder}, {m.training['n_samples']} crops, threshold {m.threshold:.3f} "
+        f"(out-of-fold precision {m.metrics['oof_precision']:.3f}, recall {m.metrics['oof_recall']:.3f})"
+    )
 
 
 @main.command()
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--embedder", default=None, help=EMBEDDER_HELP + " (cross-validation).")
 @click.option("--model", type=click.Path(), help="Score this bundle on DATA_DIR instead of cross-validating.")
-@click.option("--protocol", type=click.Choice(["seed-split", "grouped", "spatial"]), default="grouped", show_default=True)
+@click.option(
+    "--protocol", type=click.Choice(["seed-split", "grouped", "spatial"]), default="grouped", show_default=True
+)
 @click.option("--folds", type=click.IntRange(2, 50), default=5, show_default=True)
-@click.option("--axis", type=click.Choice(["lon", "lat"]), default="lon", show_default=True, help="Spatial bands along.")
+@click.option(
+    "--axis", type=click.Choice(["lon", "lat"]), default="lon", show_default=True, help="Spatial bands along."
+)
 @click.option("--json", "json_out", type=click.Path(), help="Write the metrics here.")
 @click.option("--plot", type=click.Path(), help="PR-curve PNG (default: next to --json).")
 @data_options
-def evaluate(data_dirs, embedder, model, protocol, folds, axis, json_out, plot, labels_csv, cache_dir,
-             resnet_weights, target_precision, seed):
+def evaluate(
+    data_dirs,
+    embedder,
+    model,
+    protocol,
+    folds,
+    axis,
+    json_out,
+    plot,
+    labels_csv,
+    cache_dir,
+    resnet_weights,
+    target_precision,
+    seed,
+):
     """Measure a detector: cross-validate an embedder, or score a trained --model."""
     from .errors import ConfigError
     from .workflows import evaluate_model, evaluate_protocol
@@ -115,17 +149,30 @@ def evaluate(data_dirs, embedder, model, protocol, folds, axis, json_out, plot, 
     if model:
         if embedder or len(data_dirs) != 1:
             raise ConfigError("with --model give exactly one DATA_DIR and no --embedder (the model names its own)")
-        report = evaluate_model(data_dirs[0], model, labels_csv=labels_csv, cache_dir=cache_dir,
-                                progress=_progress("embedding"), plot=plot)
+        report = evaluate_model(
+            data_dirs[0], model, labels_csv=labels_csv, cache_dir=cache_dir, progress=_progress("embedding"), plot=plot
+        )
     else:
-        report = evaluate_protocol(data_dirs, _embedder(embedder or "vgg16+texture", resnet_weights), protocol,
-                                   folds=folds, axis=axis, labels_csv=labels_csv, target_precision=target_precision,
-                                   cache_dir=cache_dir, seed=seed, progress=_progress("embedding"), plot=plot)
+        report = evaluate_protocol(
+            data_dirs,
+            _embedder(embedder or "vgg16+texture", resnet_weights),
+            protocol,
+            folds=folds,
+            axis=axis,
+            labels_csv=labels_csv,
+            target_precision=target_precision,
+            cache_dir=cache_dir,
+            seed=seed,
+            progress=_progress("embedding"),
+            plot=plot,
+        )
     d = report.to_json()
     _write_json(json_out, d)
-    click.echo(f"{d['protocol']}{' (' + d['axis'] + ')' if d['axis'] else ''} {d['embedder']}: "
-               f"precision {d['precision']:.3f} recall {d['recall']:.3f} F1 {d['f1']:.3f} F2 {d['f2']:.3f} "
-               f"ROC AUC {d['roc_auc']:.3f} PR AUC {d['pr_auc']:.3f} confusion {d['confusion']}")
+    click.echo(
+        f"{d['protocol']}{' (' + d['axis'] + ')' if d['axis'] else ''} {d['embedder']}: "
+        f"precision {d['precision']:.3f} recall {d['recall']:.3f} F1 {d['f1']:.3f} F2 {d['f2']:.3f} "
+        f"ROC AUC {d['roc_auc']:.3f} PR AUC {d['pr_auc']:.3f} confusion {d['confusion']}"
+    )
     if plot:
         click.echo(f"PR curve: {plot}")
 
@@ -133,8 +180,13 @@ def evaluate(data_dirs, embedder, model, protocol, folds, axis, json_out, plot, 
 @main.command()
 @click.argument("scene", type=click.Path())
 @click.option("--model", type=click.Path(), help="Model bundle (default: the bundled model).")
-@click.option("--min-positive", type=click.IntRange(0), default=2, show_default=True,
-              help="Flag the scene when more than this many superpixels are positive.")
+@click.option(
+    "--min-positive",
+    type=click.IntRange(0),
+    default=2,
+    show_default=True,
+    help="Flag the scene when more than this many superpixels are positive.",
+)
 @click.option("--json", "json_out", type=click.Path(), help="Write the result here.")
 @click.option("--overlay", type=click.Path(), help="PNG with superpixels outlined and positives filled.")
 @click.option("--m-per-px", type=float, default=None, help="Ground resolution, to report areas in m².")
@@ -143,7 +195,8 @@ def detect(scene, model, min_positive, json_out, overlay, m_per_px, allow_random
     """Classify the superpixels of one scene image and flag it as mining or not."""
     from dataclasses import asdict
 
-    from .detect import Detector, overlay as draw_overlay
+    from .detect import Detector
+    from .detect import overlay as draw_overlay
     from .images import read_rgb, write_png
 
     image = read_rgb(scene)
@@ -152,8 +205,39 @@ def detect(scene, model, min_positive, json_out, overlay, m_per_px, allow_random
     _write_json(json_out, {"scene": str(scene), **asdict(result)})
     if overlay:
         write_png(overlay, draw_overlay(image, seg, result))
-    click.echo(f"{scene}: {'FLAGGED' if result.flagged else 'clean'} — {result.n_positive} of "
-               f"{result.n_superpixels} superpixels positive (threshold {result.threshold:.3f}, max p {result.max_probability:.3f})")
+    click.echo(
+        f"{scene}: {'FLAGGED' if result.flagged else 'clean'} — {result.n_positive} of "
+        f"{result.n_superpixels} superpixels positive "
+        f"(threshold {result.threshold:.3f}, max p {result.max_probability:.3f})"
+    )
+
+
+@main.group()
+def data():
+    """Download the datasets that training, the notebooks and the demo use."""
+
+
+@data.command("fetch")
+@click.argument("name", type=click.Choice(["texty"]))
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False),
+    help="Folder to download into (default: the user data folder, searched last).",
+)
+@click.option("--base-url", default=None, help="A mirror of texty/amber-methodology's model/datasets folder.")
+def data_fetch(name, dest, base_url):
+    """Download the labelled crops and example scenes, checked by sha256; run again to resume."""
+    from .data_fetch import DEFAULT_BASE_URL, fetch_texty
+
+    path = fetch_texty(dest, base_url or DEFAULT_BASE_URL)
+    hint = "" if dest is None else f"; set AMBER_HUNTER_DATA={path} (or pass the path) so amber-hunter finds it"
+    click.echo(f"texty-amber dataset in {path}{hint}")
+
+
+from .cli_scan import export, scan, status  # noqa: E402 - only click is imported at module level
+
+for _command in (scan, status, export):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,8 +30,11 @@ def candidate_dirs(name: str = TEXTY) -> list[Path]:
     working directory and next to the repo, then the user data folder."""
     repo = Path(__file__).resolve().parents[1]
     places = [Path(os.environ["AMBER_HUNTER_DATA"])] if os.environ.get("AMBER_HUNTER_DATA") else []
-    places += [Path.cwd().parent / "shared" / "datasets" / name, repo.parent / "shared" / "datasets" / name,
-               user_data_dir() / name]
+    places += [
+        Path.cwd().parent / "shared" / "datasets" / name,
+        repo.parent / "shared" / "datasets" / name,
+        user_data_dir() / name,
+    ]
     return places
 
 
@@ -46,6 +49,7 @@ def find_texty_dataset(explicit: str | Path | None = None) -> Path:
         if (path / "positive").is_dir() and (path / "negative").is_dir():
             return path
     raise DatasetError(
-        "the Texty dataset was not found in " + ", ".join(str(p) for p in candidate_dirs())
+        "the Texty dataset was not found in "
+        + ", ".join(str(p) for p in candidate_dirs())
         + "; download it with 'amber-hunter data fetch texty' or pass its path"
     )

@@ -143,7 +143,9 @@ def load_dataset(dirs: Iterable[str | Path], labels_csv: str | Path | None = Non
     samples = tuple(by_path.values())
     labels = {s.label for s in samples}
     if labels != {0, 1}:
-        raise DatasetError(f"the dataset has only {'positive' if 1 in labels else 'negative'} samples; training needs both classes")
+        raise DatasetError(
+            f"the dataset has only {'positive' if 1 in labels else 'negative'} samples; training needs both classes"
+        )
     return Dataset(samples)
 
 

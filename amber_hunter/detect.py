@@ -7,7 +7,7 @@ or a building roof; pit fields cover several superpixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,6 @@ class SceneResult:
     max_probability: float
     positive_area_px: int
     positive_area_m2: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def aggregate(
@@ -63,6 +62,16 @@ def aggregate(
     )
 
 
+@dataclass(frozen=True)
+class Detection:
+    """A scene's verdict with what produced it: the superpixels and their embeddings, which a
+    region scan stores so that a retrained model can rescore without re-embedding."""
+
+    result: SceneResult
+    segmentation: Segmentation
+    features: np.ndarray
+
+
 class Detector:
     """A loaded model and its embedder, built once and reused for every scene of a run."""
 
@@ -79,17 +88,22 @@ class Detector:
         bundle.check_embedder(self.embedder.name, self.embedder.version)
 
     @classmethod
-    def load(cls, model: str | Path | None = None, **options) -> "Detector":
+    def load(cls, model: str | Path | None = None, **options) -> Detector:
         """Load ``model`` (a bundle folder or a bundled name); ``None`` is the default model."""
         return cls(load_bundle(resolve_model(model)), **options)
 
-    def detect(self, image: np.ndarray, m_per_px: float | None = None) -> tuple[SceneResult, Segmentation]:
+    def run(self, image: np.ndarray, m_per_px: float | None = None) -> Detection:
         """Segment, embed, classify and count one RGB scene."""
         seg = segment(image, self.bundle.slic_params())
         features = self.embedder.embed(image, seg.regions)
         probs = self.bundle.predict_proba(features)
         result = aggregate(probs, seg, self.bundle.metadata.threshold, self.min_positive, m_per_px)
-        return result, seg
+        return Detection(result, seg, features)
+
+    def detect(self, image: np.ndarray, m_per_px: float | None = None) -> tuple[SceneResult, Segmentation]:
+        """The verdict and the superpixels, for callers that do not keep embeddings."""
+        detection = self.run(image, m_per_px)
+        return detection.result, detection.segmentation
 
 
 def overlay(image: np.ndarray, segmentation: Segmentation, result: SceneResult) -> np.ndarray:

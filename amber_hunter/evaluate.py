@@ -57,8 +57,14 @@ class EvaluationReport:
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray) -> Metrics:
-    from sklearn.metrics import average_precision_score, confusion_matrix, fbeta_score, precision_score, recall_score
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import (
+        average_precision_score,
+        confusion_matrix,
+        fbeta_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
 
     both = len(set(labels.tolist())) == 2
     return Metrics(
@@ -114,13 +120,23 @@ def cross_validate(features, labels, groups, splits, cnn_columns, target_precisi
     predicted = np.zeros(len(labels), np.int32)
     rows = []
     for k, (train, test) in enumerate(splits):
-        clf, choice = fit_with_threshold(features[train], labels[train], groups[train], cnn_columns,
-                                         target_precision, seed)
+        clf, choice = fit_with_threshold(
+            features[train], labels[train], groups[train], cnn_columns, target_precision, seed
+        )
         p = clf.predict_proba(features[test])
         probs[test], predicted[test] = p, (p >= choice.threshold)
         fold = compute_metrics(labels[test], p, predicted[test])
-        rows.append({"fold": k, "n_test": int(len(test)), "threshold": choice.threshold,
-                     "roc_auc": fold.roc_auc, "f1": fold.f1, "precision": fold.precision, "recall": fold.recall})
+        rows.append(
+            {
+                "fold": k,
+                "n_test": int(len(test)),
+                "threshold": choice.threshold,
+                "roc_auc": fold.roc_auc,
+                "f1": fold.f1,
+                "precision": fold.precision,
+                "recall": fold.recall,
+            }
+        )
     tested = ~np.isnan(probs)
     return probs[tested], predicted[tested], labels[tested], rows
 
@@ -154,15 +170,19 @@ def evaluate_features(
         raise ConfigError(f"--folds {folds} must be at least 2")
     probs, predicted, y, rows = cross_validate(features, labels, groups, splits, cnn_columns, target_precision, seed)
     half = compute_metrics(y, probs, (probs >= 0.5).astype(np.int32))
-    return EvaluationReport(
-        protocol=protocol,
-        embedder=embedder,
-        metrics=compute_metrics(y, probs, predicted),
-        at_half={"precision": half.precision, "recall": half.recall, "f1": half.f1},
-        folds=rows,
-        target_precision=target_precision,
-        axis=axis if protocol == "spatial" else None,
-    ), y, probs
+    return (
+        EvaluationReport(
+            protocol=protocol,
+            embedder=embedder,
+            metrics=compute_metrics(y, probs, predicted),
+            at_half={"precision": half.precision, "recall": half.recall, "f1": half.f1},
+            folds=rows,
+            target_precision=target_precision,
+            axis=axis if protocol == "spatial" else None,
+        ),
+        y,
+        probs,
+    )
 
 
 def plot_pr_curve(labels: np.ndarray, probs: np.ndarray, title: str, path: str | Path) -> None:

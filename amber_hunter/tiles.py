@@ -306,7 +306,7 @@ def _polygon_cover(polygons: tuple[Polygon, ...], zoom: int) -> Iterator[mercant
         bounds = tile_bounds(tile)
         crossing = [edge for edge in candidates if _crosses_interior(edge, bounds)]
         if not crossing:
-            if _inside(polygons, *bounds.centre):
+            if contains(polygons, *bounds.centre):
                 shift = zoom - tile.z
                 for y in range(tile.y << shift, (tile.y + 1) << shift):
                     for x in range(tile.x << shift, (tile.x + 1) << shift):
@@ -340,7 +340,7 @@ def _crosses_interior(segment: _Segment, b: Bounds) -> bool:
     return t0 < t1
 
 
-def _inside(polygons: tuple[Polygon, ...], lon: float, lat: float) -> bool:
+def contains(polygons: tuple[Polygon, ...], lon: float, lat: float) -> bool:
     """Even-odd ray casting per polygon (holes flip the parity back), then any polygon."""
     for polygon in polygons:
         crossings = 0

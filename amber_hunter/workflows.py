@@ -20,8 +20,8 @@ from .classify import (
     ModelMetadata,
     fit_with_threshold,
     load_bundle,
-    resolve_model,
     now_iso,
+    resolve_model,
     save_bundle,
 )
 from .dataset import Dataset, load_dataset

@@ -31,13 +31,22 @@ def run(data: Path, embedders: list[str], out: Path, target_precision: float) ->
     for name in embedders:
         for protocol, axis in RUNS:
             tag = f"{name}_{protocol}" + (f"_{axis}" if protocol == "spatial" else "")
-            report = evaluate_protocol([data], name, protocol, folds=5, axis=axis, target_precision=target_precision,
-                                       plot=out / f"{tag}.pr.png")
+            report = evaluate_protocol(
+                [data],
+                name,
+                protocol,
+                folds=5,
+                axis=axis,
+                target_precision=target_precision,
+                plot=out / f"{tag}.pr.png",
+            )
             atomic.write_json(out / f"{tag}.json", report.to_json())
             results[tag] = report.to_json()
             m = results[tag]
-            print(f"{tag:32s} P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} AUC {m['roc_auc']:.3f}",
-                  flush=True)
+            print(
+                f"{tag:32s} P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} AUC {m['roc_auc']:.3f}",
+                flush=True,
+            )
     return results
 
 

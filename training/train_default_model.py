@@ -21,7 +21,6 @@ from amber_hunter.detect import Detector
 from amber_hunter.images import read_rgb
 from amber_hunter.workflows import train_model
 
-
 #: Bundled name -> embedder. Why these: README, "Choosing the default embedder".
 BUNDLES = {"default": "vgg16+texture", "fast": "texture"}
 #: The shipped operating point. The CLI default is 0.95 (the study's "precision is a must"), but
@@ -38,8 +37,10 @@ def check_examples(data: Path, model: Path) -> bool:
         result, _ = detector.detect(read_rgb(scene))
         expected = scene.stem.startswith("positive")
         ok &= result.flagged == expected
-        print(f"  {scene.name:16s} {'FLAGGED' if result.flagged else 'clean  '} {result.n_positive:2d}/"
-              f"{result.n_superpixels} positive  {'ok' if result.flagged == expected else 'WRONG'}")
+        print(
+            f"  {scene.name:16s} {'FLAGGED' if result.flagged else 'clean  '} {result.n_positive:2d}/"
+            f"{result.n_superpixels} positive  {'ok' if result.flagged == expected else 'WRONG'}"
+        )
     return ok
 
 
@@ -57,8 +58,10 @@ def main() -> None:
         out = bundled_model_path(name)
         bundle = train_model([data], embedder, out, target_precision=TARGET_PRECISION, seed=args.seed)
         m = bundle.metadata
-        print(f"{name}: {embedder}, threshold {m.threshold:.3f}, out-of-fold precision "
-              f"{m.metrics['oof_precision']:.3f} recall {m.metrics['oof_recall']:.3f} -> {out}")
+        print(
+            f"{name}: {embedder}, threshold {m.threshold:.3f}, out-of-fold precision "
+            f"{m.metrics['oof_precision']:.3f} recall {m.metrics['oof_recall']:.3f} -> {out}"
+        )
         ok &= check_examples(data, out)
     sys.exit(0 if ok else 1)
 

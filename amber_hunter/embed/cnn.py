@@ -152,7 +152,9 @@ class ResNet50Embedder(CnnEmbedder):
             keras.utils.set_random_seed(self.seed)
             return keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape, pooling="avg")
         try:
-            return keras.applications.ResNet50(include_top=False, weights=self.weights, input_shape=shape, pooling="avg")
+            return keras.applications.ResNet50(
+                include_top=False, weights=self.weights, input_shape=shape, pooling="avg"
+            )
         except Exception as exc:  # Keras raises a bare Exception on a failed download
             if self.weights != "imagenet":
                 raise EmbedderError(f"cannot load ResNet50 weights from {self.weights}: {exc}") from None

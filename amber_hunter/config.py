@@ -1,0 +1,127 @@
+"""The settings of one region scan, checked once, stored with the run and compared on resume.
+
+A scan runs for hours and is resumed by running the same command again, so the run directory
+keeps the config it was started with. Some settings change what a finished scene's result means
+(the area, zoom, tiles, model, flagging rule): resuming with different values would mix two
+scans in one result, so those are refused unless forced. Others only change how fast the work
+goes (workers, request rate, cache location) and may differ on every resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import AreaError, ConfigError
+from .tiles import MAX_ZOOM, Area, Bounds, parse_bbox, parse_geojson
+
+#: Settings that decide the results; a resume with other values is refused unless forced.
+FINGERPRINT_FIELDS = ("area", "zoom", "scene_tiles", "tiles", "model", "min_positive", "date_header")
+CONFIG_FORMAT = 1
+
+
+def _load_area(aoi: str) -> Area:
+    """A ``W,S,E,N`` string, or the path of a GeoJSON file with the area's polygons."""
+    path = Path(aoi)
+    if path.is_file():
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AreaError(f"--aoi {aoi}: not a readable GeoJSON file ({exc}); give W,S,E,N or a GeoJSON polygon file") from None
+        return parse_geojson(obj)
+    if aoi.count(",") == 3:
+        return parse_bbox(aoi)
+    raise AreaError(f"--aoi {aoi!r} is neither W,S,E,N nor an existing GeoJSON file; e.g. --aoi 26.20,50.60,26.30,50.65")
+
+
+def _absolute(spec: str | None) -> str | None:
+    """Local paths become absolute, so a resume from another working directory finds the same files."""
+    if spec is None or spec.startswith(("http://", "https://")):
+        return spec
+    return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec
+
+
+def _area_to_json(area: Area) -> dict:
+    return {"bounds": list(asdict(area.bounds).values()), "polygons": [[list(map(list, ring)) for ring in p] for p in area.polygons]}
+
+
+def _area_from_json(d: dict) -> Area:
+    polygons = tuple(tuple(tuple((float(x), float(y)) for x, y in ring) for ring in p) for p in d["polygons"])
+    return Area(Bounds(*map(float, d["bounds"])), polygons)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a scan needs to know, validated on construction.
+
+    ``aoi`` is kept as the user gave it (for messages); ``area`` is what it parsed to and what the
+    scan uses, stored in ``config.json`` so that a resume still works if the GeoJSON file moved,
+    and is refused if its polygons changed. API keys are never stored: only ``api_key_env``, the
+    name of the environment variable that holds the key.
+    """
+
+    aoi: str
+    tiles: str
+    zoom: int = 18
+    scene_tiles: int = 4
+    model: str | None = None
+    min_positive: int = 2
+    workers: int = 1
+    max_rps: float | None = None
+    api_key_env: str | None = None
+    date_header: str | None = None
+    tile_cache: str | None = None
+    area: Area | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # frozen dataclass: set once, here
+        if not isinstance(self.aoi, str):
+            raise AreaError(f"aoi {self.aoi!r} must be a 'W,S,E,N' string or a GeoJSON file path")
+        if self.area is None:
+            set_("area", _load_area(self.aoi))
+        set_("tiles", _absolute(str(self.tiles)))
+        set_("model", None if self.model is None else _absolute(str(self.model)))
+        set_("tile_cache", _absolute(self.tile_cache))
+        if isinstance(self.zoom, bool) or not isinstance(self.zoom, int) or not 0 <= self.zoom <= MAX_ZOOM:
+            raise ConfigError(f"zoom {self.zoom!r} is not a whole number from 0 to {MAX_ZOOM}; use e.g. --zoom 18")
+        st = self.scene_tiles
+        if isinstance(st, bool) or not isinstance(st, int) or st < 1 or st & (st - 1) or st > 2**self.zoom:
+            raise ConfigError(f"scene_tiles={st!r} must be a power of two up to {2**self.zoom} at zoom {self.zoom}; use e.g. 4")
+        if isinstance(self.min_positive, bool) or not isinstance(self.min_positive, int) or self.min_positive < 0:
+            raise ConfigError(f"min_positive={self.min_positive!r} must be a whole number >= 0; use e.g. --min-positive 2")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 64:
+            raise ConfigError(f"workers={self.workers!r} must be a whole number from 1 to 64; use e.g. --workers 2")
+        if self.max_rps is not None and not (isinstance(self.max_rps, (int, float)) and self.max_rps > 0):
+            raise ConfigError(f"max_rps={self.max_rps!r} must be a positive number of requests per second, e.g. --max-rps 8")
+        if self.api_key_env is not None and not self.api_key_env.isidentifier():
+            raise ConfigError(f"api_key_env={self.api_key_env!r} must be an environment variable name, not the key itself")
+
+    @property
+    def is_http(self) -> bool:
+        return self.tiles.startswith(("http://", "https://"))
+
+    def fingerprint(self) -> dict:
+        """The settings that decide results, as plain JSON values."""
+        d = self.to_json()
+        return {name: d[name] for name in FINGERPRINT_FIELDS}
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """Names of the result-deciding settings in which ``other`` differs from this config."""
+        mine, theirs = self.fingerprint(), other.fingerprint()
+        return [name for name in FINGERPRINT_FIELDS if mine[name] != theirs[name]]
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "area"}
+        return {"format": CONFIG_FORMAT, **d, "area": _area_to_json(self.area)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunConfig":
+        """The config stored by :meth:`to_json`; the area is taken as stored, not re-read."""
+        if d.get("format") != CONFIG_FORMAT:
+            raise ConfigError(f"run config format {d.get('format')!r} is not {CONFIG_FORMAT}; start a new run directory")
+        names = {f.name for f in fields(cls)} - {"area"}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names}, area=_area_from_json(d["area"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"run config is corrupt ({type(exc).__name__}: {exc}); start a new run directory") from None

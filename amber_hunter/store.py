@@ -1,0 +1,377 @@
+"""The run directory: where a scan keeps its config, results, embeddings and log.
+
+Layout (this module is the only one that knows it)::
+
+    run/
+      config.json     the RunConfig; a resume with other result-deciding settings is refused
+      run.sqlite      scenes, regions (superpixels) and events, in WAL mode
+      embeddings/     one Parquet shard per scene: scene_id, label, embedder, vector
+      scenes/         a small overlay PNG per flagged scene, for the map's popups
+      tiles-cache/    downloaded tiles of an HTTP source (unless the config names another cache)
+      log.txt
+
+Crash safety rests on two rules. A scene's files (embedding shard, overlay) are written atomically
+*before* its database transaction, under names derived from its scene id: a kill between the two
+leaves an orphan file that the rerun overwrites, never a row without its file. And a scene's row
+and its region rows are committed in one transaction, upserted by scene id, so a scene is never
+half-recorded and never counted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import io
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
+
+import numpy as np
+
+from . import atomic
+from .config import RunConfig
+from .errors import RunStoreError
+from .images import write_png
+from .tiles import Bounds, SceneCell
+
+if TYPE_CHECKING:  # detect pulls in scikit-image; status and export do not need it
+    from .detect import SceneResult
+
+StoredStatus = Literal["pending", "done", "failed", "no-imagery", "skipped"]
+#: Statuses a scan does not revisit on resume.
+FINISHED = ("done", "failed", "no-imagery", "skipped")
+_PAGE = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scenes (
+    scene_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'no-imagery', 'skipped')),
+    error TEXT,
+    flagged INTEGER NOT NULL DEFAULT 0,
+    n_positive INTEGER,
+    n_superpixels INTEGER,
+    max_probability REAL,
+    positive_area_m2 REAL,
+    capture_date TEXT,
+    bounds TEXT,
+    updated_at REAL
+);
+CREATE INDEX IF NOT EXISTS scenes_by_status ON scenes (status);
+CREATE TABLE IF NOT EXISTS regions (
+    scene_id TEXT NOT NULL,
+    label INTEGER NOT NULL,
+    probability REAL NOT NULL,
+    positive INTEGER NOT NULL,
+    area_m2 REAL NOT NULL,
+    bbox TEXT NOT NULL,
+    polygon TEXT,
+    PRIMARY KEY (scene_id, label)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    scene_id TEXT,
+    message TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    """One superpixel's verdict: ``bbox`` in lon/lat; ``polygon`` (a GeoJSON Polygon geometry) is
+    kept for positive superpixels only, as outlines of all of them would dwarf the rest of the run."""
+
+    label: int
+    probability: float
+    positive: bool
+    area_m2: float
+    bbox: Bounds
+    polygon: dict | None = None
+
+
+@dataclass(frozen=True)
+class SceneRecord:
+    """Everything a scan learned about one scene, stored together by :meth:`RunStore.record`.
+
+    ``result``, ``regions`` and ``embeddings`` (``float32 (n_superpixels, dim)`` from ``embedder``)
+    are set for a "done" scene; ``error`` says why a scene failed or was skipped. ``overlay`` is the
+    picture shown on the map for a flagged scene.
+    """
+
+    scene_id: str
+    status: StoredStatus
+    bounds: Bounds
+    error: str | None = None
+    capture_date: dt.date | None = None
+    result: SceneResult | None = None
+    regions: tuple[RegionRecord, ...] = ()
+    embeddings: np.ndarray | None = None
+    embedder: str | None = None
+    overlay: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class StoredScene:
+    """A scene row as read back from the store."""
+
+    scene_id: str
+    status: StoredStatus
+    error: str | None
+    flagged: bool
+    n_positive: int | None
+    n_superpixels: int | None
+    max_probability: float | None
+    positive_area_m2: float | None
+    capture_date: dt.date | None
+    bounds: Bounds | None
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Scene counts by status, flagged scenes, and the speed of the latest session (scenes/s)."""
+
+    total: int
+    pending: int
+    done: int
+    failed: int
+    no_imagery: int
+    skipped: int
+    flagged: int
+    rate: float | None
+
+
+def _hint(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if getattr(exc, "errno", None) == errno.ENOSPC or "disk is full" in text or "database or disk is full" in text:
+        return "the disk is full; free some space and rerun the same command to resume"
+    if isinstance(exc, PermissionError) or "readonly" in text or "read-only" in text or getattr(exc, "errno", None) in (errno.EACCES, errno.EROFS):
+        return "the run directory is not writable; fix its permissions or choose another --run directory"
+    return "check the run directory and disk, then rerun the same command to resume"
+
+
+def _bounds_json(b: Bounds) -> str:
+    return json.dumps([b.west, b.south, b.east, b.north])
+
+
+def _bounds(text: str | None) -> Bounds | None:
+    return None if text is None else Bounds(*json.loads(text))
+
+
+def _file_stem(scene_id: str) -> str:
+    """A file-name form of a scene id (``18/1/2/4`` → ``18_1_2_4``); unique because ids are numbers."""
+    return scene_id.replace("/", "_")
+
+
+class RunStore:
+    """One run directory, opened for a scan (with its config) or for reading (``config=None``)."""
+
+    def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, force: bool = False):
+        self.run_dir = Path(run_dir)
+        self.config_path = self.run_dir / "config.json"
+        self.db_path = self.run_dir / "run.sqlite"
+        self.embeddings_dir = self.run_dir / "embeddings"
+        self.scenes_dir = self.run_dir / "scenes"
+        self.log_path = self.run_dir / "log.txt"
+        #: Where downloaded tiles are kept unless the config names a shared cache.
+        self.tile_cache_dir = self.run_dir / "tiles-cache"
+        if config is None and not self.db_path.is_file():
+            raise RunStoreError(f"{self.run_dir} is not a run directory (no run.sqlite); start one with 'amber-hunter scan --run {self.run_dir}'")
+        with self._guard("open the run directory"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.db_path, timeout=30)
+            try:
+                if config is not None:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across kill -9
+                    self._db.executescript(_SCHEMA)
+                    self._adopt(config, force)
+            except BaseException:
+                self._db.close()
+                raise
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        """Turn disk and database failures into one RunStoreError line; SQLite rolls back."""
+        try:
+            yield
+        except (sqlite3.OperationalError, sqlite3.DatabaseError, OSError) as exc:
+            raise RunStoreError(f"{self.run_dir}: cannot {action} ({exc}); {_hint(exc)}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _adopt(self, config: RunConfig, force: bool) -> None:
+        """Write the config of a new run, or check a resumed run's config against the stored one."""
+        stored = self.config if self.config_path.is_file() else None
+        changed = [] if stored is None else stored.differences(config)
+        if changed and not force:
+            raise RunStoreError(
+                f"{self.run_dir} was started with a different {', '.join(changed)}; rerun with the original "
+                "settings to resume, use a new --run directory, or pass --force to go on with the new settings"
+            )
+        atomic.write_json(self.config_path, config.to_json())
+        with self._db:
+            if changed:
+                self._event("config-changed", message=f"forced new {', '.join(changed)}")
+            self._event("start", message="resume" if stored else "new run")
+
+    def _event(self, kind: str, scene_id: str | None = None, message: str | None = None) -> None:
+        self._db.execute("INSERT INTO events (ts, kind, scene_id, message) VALUES (?, ?, ?, ?)", (time.time(), kind, scene_id, message))
+
+    # --- writing -------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> RunConfig:
+        """The config the run was started (or last forced) with."""
+        try:
+            return RunConfig.from_json(json.loads(self.config_path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunStoreError(f"{self.config_path} is unreadable ({exc}); start a new run directory") from None
+
+    def add_scenes(self, cells: Iterable[SceneCell]) -> None:
+        """Register scenes as pending; scenes already known keep their status."""
+        with self._guard("register scenes"), self._db:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO scenes (scene_id, status) VALUES (?, 'pending')", ((c.scene_id,) for c in cells)
+            )
+
+    def pending(self) -> Iterator[str]:
+        """Scene ids still to do, in registration (grid) order, read a page at a time so memory
+        stays flat however large the region is."""
+        last = 0
+        while True:
+            with self._guard("read pending scenes"):
+                rows = self._db.execute(
+                    "SELECT rowid, scene_id FROM scenes WHERE status = 'pending' AND rowid > ? ORDER BY rowid LIMIT ?",
+                    (last, _PAGE),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield from (scene_id for _, scene_id in rows)
+
+    def overlay_path(self, scene_id: str) -> Path:
+        return self.scenes_dir / f"{_file_stem(scene_id)}.png"
+
+    def _write_shard(self, record: SceneRecord) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        vectors = np.ascontiguousarray(record.embeddings, np.float32)
+        n, dim = vectors.shape
+        table = pa.table({
+            "scene_id": pa.array([record.scene_id] * n, pa.string()),
+            "label": pa.array([r.label for r in record.regions], pa.int32()),
+            "embedder": pa.array([record.embedder] * n, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+        })
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        atomic.write_bytes(self.embeddings_dir / f"{_file_stem(record.scene_id)}.parquet", buf.getvalue())
+
+    def record(self, record: SceneRecord) -> None:
+        """Store one scene's outcome: its files first, then its rows in one transaction."""
+        r = record.result
+        with self._guard(f"save scene {record.scene_id}"):
+            if record.embeddings is not None:
+                self._write_shard(record)
+            if record.overlay is not None:
+                write_png(self.overlay_path(record.scene_id), record.overlay)
+            with self._db:
+                self._db.execute(
+                    """INSERT INTO scenes (scene_id, status, error, flagged, n_positive, n_superpixels, max_probability,
+                                           positive_area_m2, capture_date, bounds, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (scene_id) DO UPDATE SET
+                           status = excluded.status, error = excluded.error, flagged = excluded.flagged,
+                           n_positive = excluded.n_positive, n_superpixels = excluded.n_superpixels,
+                           max_probability = excluded.max_probability, positive_area_m2 = excluded.positive_area_m2,
+                           capture_date = excluded.capture_date, bounds = excluded.bounds, updated_at = excluded.updated_at""",
+                    (
+                        record.scene_id, record.status, record.error, int(bool(r and r.flagged)),
+                        r and r.n_positive, r and r.n_superpixels, r and r.max_probability, r and r.positive_area_m2,
+                        record.capture_date and record.capture_date.isoformat(), _bounds_json(record.bounds), time.time(),
+                    ),
+                )
+                self._db.execute("DELETE FROM regions WHERE scene_id = ?", (record.scene_id,))
+                self._db.executemany(
+                    "INSERT INTO regions (scene_id, label, probability, positive, area_m2, bbox, polygon) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (record.scene_id, g.label, g.probability, int(g.positive), g.area_m2, _bounds_json(g.bbox),
+                         None if g.polygon is None else json.dumps(g.polygon))
+                        for g in record.regions
+                    ],
+                )
+                self._event("scene", record.scene_id, record.status)
+
+    def note(self, kind: str, message: str) -> None:
+        """Record a run-level event (a stop, an interruption) with its time."""
+        with self._guard(f"record event {kind}"), self._db:
+            self._event(kind, message=message)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def status(self) -> RunStatus:
+        """Counts per status and the latest session's rate, from scene rows and event times."""
+        with self._guard("read the run status"):
+            counts = dict(self._db.execute("SELECT status, COUNT(*) FROM scenes GROUP BY status").fetchall())
+            flagged = self._db.execute("SELECT COUNT(*) FROM scenes WHERE status = 'done' AND flagged").fetchone()[0]
+            start = self._db.execute("SELECT MAX(ts) FROM events WHERE kind = 'start'").fetchone()[0]
+            n, last = self._db.execute(
+                "SELECT COUNT(*), MAX(ts) FROM events WHERE kind = 'scene' AND ts >= ?", (start or 0.0,)
+            ).fetchone()
+        return RunStatus(
+            total=sum(counts.values()),
+            pending=counts.get("pending", 0),
+            done=counts.get("done", 0),
+            failed=counts.get("failed", 0),
+            no_imagery=counts.get("no-imagery", 0),
+            skipped=counts.get("skipped", 0),
+            flagged=flagged,
+            rate=n / (last - start) if n and start is not None and last > start else None,
+        )
+
+    def scenes(self, *, flagged_only: bool = False) -> Iterator[StoredScene]:
+        """Scene rows in grid order; ``flagged_only`` gives the done scenes that were flagged."""
+        where = "WHERE status = 'done' AND flagged" if flagged_only else ""
+        with self._guard("read scenes"):
+            rows = self._db.execute(
+                "SELECT scene_id, status, error, flagged, n_positive, n_superpixels, max_probability, positive_area_m2, "
+                f"capture_date, bounds FROM scenes {where} ORDER BY rowid"
+            )
+            for row in rows:
+                *head, date, bounds = row
+                head[3] = bool(head[3])
+                yield StoredScene(*head, dt.date.fromisoformat(date) if date else None, _bounds(bounds))
+
+    def regions(self, scene_id: str, *, positive_only: bool = False) -> list[RegionRecord]:
+        """The superpixels stored for a scene, by label."""
+        where = " AND positive" if positive_only else ""
+        with self._guard(f"read regions of {scene_id}"):
+            rows = self._db.execute(
+                f"SELECT label, probability, positive, area_m2, bbox, polygon FROM regions WHERE scene_id = ?{where} ORDER BY label",
+                (scene_id,),
+            ).fetchall()
+        return [RegionRecord(label, p, bool(pos), area, _bounds(bbox), None if poly is None else json.loads(poly))
+                for label, p, pos, area, bbox, poly in rows]
+
+    def embeddings(self):
+        """All stored embeddings as one ``pyarrow.Table`` (scene_id, label, embedder, vector), for
+        rescoring with a retrained model without refetching or re-embedding."""
+        import pyarrow.parquet as pq
+
+        with self._guard("read embeddings"):
+            return pq.read_table(self.embeddings_dir)

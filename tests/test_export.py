@@ -1,0 +1,83 @@
+"""Exports of a finished scan: GeoJSON, summary in hectares, the self-contained map, the licence
+cross-check, and the ``status``/``export`` commands (which must not load TensorFlow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from amber_hunter.cli_scan import export as export_command
+from amber_hunter.cli_scan import status as status_command
+from amber_hunter.errors import RunStoreError
+from amber_hunter.export import export
+from amber_hunter.store import RunStore
+from test_scan import folder_run, region, tiny_model  # noqa: F401 - shared session fixtures
+
+
+def _flagged(run):
+    with RunStore(run) as store:
+        return [(s, store.regions(s.scene_id, positive_only=True)) for s in store.scenes(flagged_only=True)]
+
+
+def test_export_writes_detections_summary_and_map(folder_run, tmp_path):
+    paths, summary = export(folder_run, tmp_path / "out")
+    flagged = _flagged(folder_run)
+    geo = json.loads(paths.detections.read_text())
+    kinds = [f["properties"]["kind"] for f in geo["features"]]
+    assert kinds.count("scene") == len(flagged) > 0
+    assert kinds.count("superpixel") == sum(len(r) for _, r in flagged)
+    for f in geo["features"]:
+        assert {"scene_id", "probability", "capture_date", "area_m2", "kind"} <= set(f["properties"])
+        assert f["geometry"]["type"] == "Polygon" and "licensed" not in f["properties"]
+    data = json.loads(paths.summary.read_text())
+    assert {"scenes_scanned", "scenes_flagged", "damaged_ha", "damaged_ha_by_year"} <= set(data)
+    assert (data["scenes_scanned"], data["scenes_flagged"]) == (3, len(flagged))
+    expected_ha = sum(s.positive_area_m2 for s, _ in flagged) / 10_000
+    assert data["damaged_ha"] == pytest.approx(expected_ha, abs=1e-3) and data["damaged_ha"] > 0
+    assert data["damaged_ha_by_year"] == {"unknown": data["damaged_ha"]}
+    page = paths.map.read_text()
+    assert "detections" in page and "leaflet" in page.lower()
+    assert page.count("data:image/png;base64,") == len(flagged)
+
+
+def test_registry_marks_detections_inside_licensed_areas(folder_run, tmp_path):
+    flagged = _flagged(folder_run)
+    licensed_scene = flagged[0][0]
+    b = licensed_scene.bounds
+    ring = [[b.west, b.south], [b.east, b.south], [b.east, b.north], [b.west, b.north], [b.west, b.south]]
+    registry = tmp_path / "licensed.geojson"
+    registry.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    paths, summary = export(folder_run, tmp_path / "out", registry=registry)
+    features = json.loads(paths.detections.read_text())["features"]
+    for f in features:
+        assert f["properties"]["licensed"] == (f["properties"]["scene_id"] == licensed_scene.scene_id)
+    assert summary.scenes_unlicensed == len(flagged) - 1
+    assert summary.superpixels_unlicensed == sum(len(r) for s, r in flagged[1:])
+    assert json.loads(paths.summary.read_text())["scenes_unlicensed"] == summary.scenes_unlicensed
+
+
+def test_export_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
+    with pytest.raises(RunStoreError, match="not a run directory"):
+        export(tmp_path, tmp_path / "out")
+
+
+def test_status_and_export_commands(folder_run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(status_command, [str(folder_run)])
+    assert result.exit_code == 0, result.output
+    assert "done 3  failed 2  no-imagery 1  skipped 1  pending 0  total 7" in result.output
+    result = runner.invoke(export_command, [str(folder_run), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "map: " in result.output and (tmp_path / "out" / "map.html").is_file()
+
+
+def test_status_and_export_do_not_import_tensorflow_or_xgboost():
+    code = ("import sys, amber_hunter.cli_scan, amber_hunter.export, amber_hunter.store; "
+            "print([m for m in ('tensorflow', 'xgboost', 'keras') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

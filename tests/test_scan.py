@@ -1,0 +1,296 @@
+"""Region scans over real sockets, files and SQLite: sources agree, faults are survived, kills resume.
+
+The region is a row of 2x2-tile scenes at zoom 18 near Rivne, cut from the study's real example
+scenes (copied at test time, never committed), plus scenes that exercise every outcome: blank
+tiles, no tiles, a non-image body and a tile of the wrong size. The detector is a real texture
+model with a small booster, so a scene takes well under a second.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import pytest
+
+from amber_hunter.config import RunConfig
+from amber_hunter.errors import RunStoreError
+from amber_hunter.images import encode_png, read_rgb
+from amber_hunter.scan import SIMPLIFY_PX, region_outline, scan
+from amber_hunter.scenes import TILE_SIZE, load_scene
+from amber_hunter.segment import Region
+from amber_hunter.store import RunStore
+from amber_hunter.tiles import SceneCell
+from tile_servers import Fault, tile_server
+
+#: What each scene cell of the test region holds, west to east.
+LAYOUT = ("positive1", "negative1", "positive2", "blank", "missing", "garbage", "small")
+EXPECTED = {"positive1": "done", "negative1": "done", "positive2": "done", "blank": "skipped",
+            "missing": "no-imagery", "garbage": "failed", "small": "failed"}
+ZOOM, SIZE = 18, 2
+#: Launches the CLI the way the installed ``amber-hunter`` does once cli.py registers the commands.
+CLI = ("from amber_hunter.cli import main; from amber_hunter.cli_scan import scan, status, export; "
+       "[main.add_command(c) for c in (scan, status, export)]; main()")
+
+
+def _cells() -> list[SceneCell]:
+    t = mercantile.tile(26.25, 50.62, ZOOM)
+    return [SceneCell(ZOOM, (t.x & ~1) + SIZE * k, t.y & ~1, SIZE) for k in range(len(LAYOUT))]
+
+
+def _scene_image(example: Path, name: str) -> np.ndarray:
+    side = SIZE * TILE_SIZE
+    if name == "blank":
+        return np.full((side, side, 3), 250, np.uint8)
+    image = read_rgb(example / f"{name}.png")
+    r, c = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+    return image[r:r + side, c:c + side]
+
+
+def _tile_bytes(example: Path, name: str) -> dict[mercantile.Tile, bytes]:
+    if name == "missing":
+        return {}
+    cell = _cells()[LAYOUT.index(name)]
+    if name in ("garbage", "small"):
+        body = b"<html>rate limited</html>" if name == "garbage" else encode_png(np.zeros((128, 128, 3), np.uint8) + 60)
+        return {tile: body for tile in cell.tiles}
+    image = _scene_image(example, name)
+    out = {}
+    for i, tile in enumerate(cell.tiles):
+        r, c = divmod(i, SIZE)
+        out[tile] = encode_png(image[r * TILE_SIZE:(r + 1) * TILE_SIZE, c * TILE_SIZE:(c + 1) * TILE_SIZE])
+    return out
+
+
+def _write_mbtiles(path: Path, tiles: dict) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE metadata (name text, value text)")
+    db.execute("CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)")
+    db.executemany("INSERT INTO metadata VALUES (?, ?)", [("minzoom", str(ZOOM)), ("maxzoom", str(ZOOM))])
+    db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", [(t.z, t.x, 2**t.z - 1 - t.y, data) for t, data in tiles.items()])
+    db.commit()
+    db.close()
+
+
+class SyntheticRegion:
+    """The test region on disk: a tile folder, the same tiles as MBTiles, and its bbox."""
+
+    def __init__(self, root: Path, example: Path):
+        self.folder = root / "tiles"
+        self.mbtiles = root / "region.mbtiles"
+        tiles = {t: data for name in LAYOUT for t, data in _tile_bytes(example, name).items()}
+        for t, data in tiles.items():
+            path = self.folder / str(t.z) / str(t.x) / f"{t.y}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        _write_mbtiles(self.mbtiles, tiles)
+        cells = _cells()
+        w, n = cells[0].bounds.west, cells[0].bounds.north
+        e, s = cells[-1].bounds.east, cells[-1].bounds.south
+        eps = 1e-7  # inside the outer edges, so no neighbouring cell is touched
+        self.aoi = f"{w + eps},{s + eps},{e - eps},{n - eps}"
+        self.ids = {c.scene_id: name for c, name in zip(cells, LAYOUT)}
+
+    def config(self, tiles, model, **options) -> RunConfig:
+        return RunConfig(aoi=self.aoi, tiles=str(tiles), zoom=ZOOM, scene_tiles=SIZE, model=str(model), **options)
+
+
+@pytest.fixture(scope="session")
+def region(data_root, tmp_path_factory) -> SyntheticRegion:
+    example = data_root / "example"
+    if not example.is_dir():
+        pytest.skip(f"example scenes not found in {example}")
+    return SyntheticRegion(tmp_path_factory.mktemp("region"), example)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(small_data, tmp_path_factory) -> Path:
+    """A texture bundle with a 30-tree booster and threshold 0.5: real features, trained in seconds
+    (the full training picks its threshold on out-of-fold fits, which takes tens of seconds)."""
+    from amber_hunter.cache import embed_files
+    from amber_hunter.classify import Classifier, ModelBundle, ModelMetadata, fit_booster, save_bundle
+    from amber_hunter.dataset import load_dataset
+    from amber_hunter.embed import get_embedder
+
+    dataset = load_dataset([small_data])
+    embedder = get_embedder("texture")
+    features, _ = embed_files(dataset.paths, embedder, tmp_path_factory.mktemp("tiny-cache"))
+    booster = fit_booster(features, dataset.labels, params={"n_estimators": 30})
+    metadata = ModelMetadata(embedder="texture", embedder_version=embedder.version, embedder_params={},
+                             dim=embedder.dim, threshold=0.5, target_precision=0.95)
+    return save_bundle(ModelBundle(metadata, Classifier(booster, None, embedder.dim)), tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def folder_run(region, tiny_model, tmp_path_factory) -> Path:
+    """One uninterrupted scan of the folder source: the reference every other run must equal."""
+    run = tmp_path_factory.mktemp("runs") / "folder"
+    scan(region.config(region.folder, tiny_model), run)
+    return run
+
+
+def results(run: Path) -> tuple[list, list]:
+    """Everything a run concluded, in a comparable form, checked for duplicates on the way."""
+    with RunStore(run) as store:
+        scenes = [(s.scene_id, s.status, s.flagged, s.n_positive, s.n_superpixels, s.max_probability and round(s.max_probability, 5))
+                  for s in store.scenes()]
+        regions = [(s[0], r.label, round(r.probability, 5), r.positive, r.polygon is not None)
+                   for s in scenes for r in store.regions(s[0])]
+        table = store.embeddings() if any(s[1] == "done" for s in scenes) else None
+    assert len({s[0] for s in scenes}) == len(scenes)
+    done = [s for s in scenes if s[1] == "done"]
+    assert sum(s[4] for s in done) == len(regions)
+    if table is not None:
+        keys = list(zip(table.column("scene_id").to_pylist(), table.column("label").to_pylist()))
+        assert len(keys) == len(set(keys)) == len(regions)
+    return scenes, regions
+
+
+# --- scenes ------------------------------------------------------------------------------------
+
+
+def test_each_kind_of_scene_gets_its_outcome(folder_run, region):
+    scenes, _ = results(folder_run)
+    assert {sid: status for sid, status, *_ in scenes} == {sid: EXPECTED[name] for sid, name in region.ids.items()}
+    with RunStore(folder_run) as store:
+        errors = {region.ids[s.scene_id]: s.error for s in store.scenes() if s.error}
+        flagged = [s.scene_id for s in store.scenes(flagged_only=True)]
+    assert "not a readable image" in errors["garbage"]
+    assert "128x128 px, expected 256x256" in errors["small"]
+    assert "blank or uniform" in errors["blank"] and "no imagery" in errors["missing"]
+    assert flagged, "the tiny model should flag at least one scene"
+    assert all((folder_run / "scenes" / f"{s.replace('/', '_')}.png").is_file() for s in flagged)
+    assert "finished after 7 scenes" in (folder_run / "log.txt").read_text()
+
+
+def test_scene_is_stitched_in_row_major_order_with_capture_date(region):
+    import datetime as dt
+
+    from amber_hunter.fetch import FolderSource, TileResult
+
+    class Dated(FolderSource):
+        def get(self, tile):
+            return TileResult("ok", super().get(tile).data, dt.date(2015, 3, tile.x % 7 + 1))
+
+    cell = _cells()[0]
+    scene = load_scene(cell, Dated(region.folder))
+    assert scene.status == "ok" and scene.image.shape == (512, 512, 3)
+    tile = read_rgb(region.folder / "18" / str(cell.x0 + 1) / f"{cell.y0}.png")
+    assert np.array_equal(scene.image[:256, 256:], tile)
+    assert scene.capture_date == max(dt.date(2015, 3, t.x % 7 + 1) for t in cell.tiles)
+    assert scene.m_per_px == pytest.approx(0.38, abs=0.02)
+
+
+def test_outline_follows_the_superpixel_in_lonlat():
+    cell = SceneCell(18, 150186, 88196, 2)
+    mask = np.zeros((10, 20), bool)
+    mask[2:8, 5:15] = True  # a 6 x 10 px rectangle at rows 12-18, cols 35-45 of the scene
+    geometry = region_outline(Region(1, (10, 30, 20, 50), int(mask.sum()), mask), cell)
+    ring = np.array(geometry["coordinates"][0])
+    assert (ring[0] == ring[-1]).all()
+    (west, east), (north, south) = cell.pixel_to_lonlat(np.array([12, 18]), np.array([35, 45]))
+    px = (east - west) / 10 * SIMPLIFY_PX  # simplification may cut corners by up to SIMPLIFY_PX
+    assert ring[:, 0].min() == pytest.approx(west, abs=px) and ring[:, 0].max() == pytest.approx(east, abs=px)
+    assert ring[:, 1].min() == pytest.approx(south, abs=px) and ring[:, 1].max() == pytest.approx(north, abs=px)
+    x, y = ring[:, 0], ring[:, 1]
+    assert np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) > 0  # counter-clockwise, as RFC 7946 asks
+
+
+# --- sources and faults ------------------------------------------------------------------------
+
+
+def test_mbtiles_source_gives_the_same_results(folder_run, region, tiny_model, tmp_path):
+    scan(region.config(region.mbtiles, tiny_model), tmp_path / "run")
+    assert results(tmp_path / "run") == results(folder_run)
+
+
+@pytest.mark.parametrize("fault", [Fault("status", status=500), Fault("status", status=429, retry_after="0")],
+                         ids=["500", "429"])
+def test_a_server_failing_half_the_time_gives_the_same_results(fault, folder_run, region, tiny_model, tmp_path, monkeypatch):
+    import amber_hunter.fetch as fetch
+
+    with tile_server(region.folder, fault=fault) as server:
+        config = region.config(server.url + "/{z}/{x}/{y}.png", tiny_model, workers=2)
+        monkeypatch.setattr(fetch.HttpTileSource, "_backoff", lambda self, attempt: 0.01)
+        summary = scan(config, tmp_path / "run")
+    assert summary.status.pending == 0 and not summary.interrupted
+    assert results(tmp_path / "run") == results(folder_run)
+    assert max(server.hits.values()) == 2  # every tile failed once, then came through, and only once: cached
+    assert list((tmp_path / "run" / "tiles-cache" / "18").iterdir())
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
+def test_rerun_resumes_and_counts_nothing_twice(folder_run, region, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    config = region.config(region.folder, tiny_model)
+    with RunStore(run, config) as store:  # as if a killed run had finished two scenes
+        store.add_scenes(_cells())
+    first = scan(config, run)
+    again = scan(config, run)
+    assert (first.processed, again.processed) == (len(LAYOUT), 0)
+    assert results(run) == results(folder_run)
+
+
+def test_a_changed_config_is_refused_unless_forced(folder_run, region, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    scan(region.config(region.folder, tiny_model), run)
+    with pytest.raises(RunStoreError, match=r"different min_positive.*--force"):
+        scan(region.config(region.folder, tiny_model, min_positive=5), run)
+    assert scan(region.config(region.folder, tiny_model, workers=3), run).processed == 0  # speed settings may change
+    assert scan(region.config(region.folder, tiny_model, min_positive=5), run, force=True).processed == 0
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", CLI, *args]
+
+
+def _done(run: Path) -> int:
+    try:
+        db = sqlite3.connect(f"file:{run / 'run.sqlite'}?mode=ro", uri=True, timeout=1)
+        try:
+            return db.execute("SELECT COUNT(*) FROM scenes WHERE status = 'done'").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0  # not created yet
+
+
+def _start_and_wait_for_first_scene(args: list[str], run: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while _done(run) == 0:
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "the scan did not finish a scene within a minute"
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+def test_an_interrupted_scan_resumes_to_the_same_results(how, folder_run, region, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    # Every tile is answered after 0.2 s, so a scene takes about a second and the kill lands partway.
+    with tile_server(region.folder, fault=Fault("slow", failures=None, delay=0.2)) as server:
+        args = ["scan", "--aoi", region.aoi, "--tiles", server.url + "/{z}/{x}/{y}.png", "--run", str(run),
+                "--zoom", str(ZOOM), "--scene-tiles", str(SIZE), "--model", str(tiny_model)]
+        proc = _start_and_wait_for_first_scene(args, run)
+        if how == "kill -9":
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == (-signal.SIGKILL if how == "kill -9" else 130), err.decode()
+        with RunStore(run) as store:
+            assert 0 < store.status().done and store.status().pending > 0
+        rerun = subprocess.run(_cli(*args), capture_output=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert results(run) == results(folder_run)
+    if how == "ctrl-c":
+        assert "interrupted after" in (run / "log.txt").read_text()
