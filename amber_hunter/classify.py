@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic
-from .errors import ModelBundleError
+from .errors import DatasetError, ModelBundleError
 from .segment import SlicParams
 
 BUNDLE_FORMAT = 1
@@ -167,6 +167,13 @@ def grouped_splits(labels, groups, folds: int, seed: int = 0):
     """k folds with every scene wholly in one fold, stratified by label."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    for cls, name in ((1, "positive"), (0, "negative")):
+        n_scenes = len(set(groups[labels == cls].tolist()))
+        if n_scenes < folds:
+            raise DatasetError(
+                f"only {n_scenes} {name} scenes for {folds} folds; add labelled crops or use fewer --folds"
+            )
+
     return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(labels, labels, groups))
 
 
@@ -306,13 +313,14 @@ def load_bundle(path: str | Path) -> ModelBundle:
                 f"{path}/model.json has format {raw.get('format')!r}, this version reads {BUNDLE_FORMAT}; retrain it"
             )
         metadata = ModelMetadata(**raw)
+        SlicParams(**metadata.slic)  # fail here, not at detection time, on a hand-edited model.json
         head = LinearHead.from_json(json.loads((path / "linear.json").read_text())) if metadata.cnn_columns else None
     except (json.JSONDecodeError, TypeError, AttributeError, KeyError, FileNotFoundError) as exc:
         raise ModelBundleError(f"{path} is corrupt ({type(exc).__name__}: {exc}); retrain the model") from None
     booster = xgb.Booster()
     try:
         booster.load_model(str(path / "xgb.json"))
-    except xgb.core.XGBoostError:
+    except (xgb.core.XGBoostError, UnicodeDecodeError):  # XGBoost's own message can be undecodable
         raise ModelBundleError(f"{path}/xgb.json is not a readable XGBoost model; retrain the model") from None
     n_tree = metadata.dim if head is None else metadata.dim - len(_column_index(head.columns)) + 1
     if booster.num_features() != n_tree:

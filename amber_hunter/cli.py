@@ -6,6 +6,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -48,11 +49,25 @@ def _embedder(name: str, resnet_weights: str):
     return get_embedder(name, **params) if name == "resnet50" else get_embedder(name)
 
 
-def _write_json(path: str | None, obj: dict) -> None:
-    if path:
-        from . import atomic
+def _write_outputs(files: dict) -> None:
+    """Write output files (path -> bytes) only once all of them are ready and their paths usable,
+    so a bad second path never leaves the first output alone; each write is atomic."""
+    from . import atomic
+    from .errors import ConfigError
 
-        atomic.write_json(path, obj)
+    files = {Path(p): data for p, data in files.items() if p}
+    for path in files:
+        if path.is_dir():
+            raise ConfigError(f"output path {path} is a directory; give a file name")
+    for path, data in files.items():
+        try:
+            atomic.write_bytes(path, data)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
 
 
 common_data = [
@@ -167,7 +182,7 @@ def evaluate(
             plot=plot,
         )
     d = report.to_json()
-    _write_json(json_out, d)
+    _write_outputs({json_out: _json_bytes(d)})
     click.echo(
         f"{d['protocol']}{' (' + d['axis'] + ')' if d['axis'] else ''} {d['embedder']}: "
         f"precision {d['precision']:.3f} recall {d['recall']:.3f} F1 {d['f1']:.3f} F2 {d['f2']:.3f} "
@@ -197,14 +212,17 @@ def detect(scene, model, min_positive, json_out, overlay, m_per_px, allow_random
 
     from .detect import Detector
     from .detect import overlay as draw_overlay
-    from .images import read_rgb, write_png
+    from .images import encode_png, read_rgb
 
     image = read_rgb(scene)
     detector = Detector.load(model, min_positive=min_positive, allow_random=allow_random)
     result, seg = detector.detect(image, m_per_px)
-    _write_json(json_out, {"scene": str(scene), **asdict(result)})
-    if overlay:
-        write_png(overlay, draw_overlay(image, seg, result))
+    _write_outputs(
+        {
+            json_out: _json_bytes({"scene": str(scene), **asdict(result)}),
+            overlay: encode_png(draw_overlay(image, seg, result)) if overlay else None,
+        }
+    )
     click.echo(
         f"{scene}: {'FLAGGED' if result.flagged else 'clean'} — {result.n_positive} of "
         f"{result.n_superpixels} superpixels positive "

@@ -59,7 +59,10 @@ def parse_name(path: str | Path) -> SceneName | None:
     if not m:
         return None
     lat, lon = float(m["lat"]), float(m["lon"])
-    when = datetime.strptime(m["date"], "%d_%b_%Y").date()
+    try:
+        when = datetime.strptime(m["date"], "%d_%b_%Y").date()
+    except ValueError:  # a study-like name with an impossible date is just not a study name
+        return None
     # Round the coordinates: the same scene appears with float noise in its name.
     scene_id = f"{lat:.5f}_{lon:.5f}_{when.isoformat()}"
     return SceneName(scene_id, lat, lon, when, int(m["n"]))

@@ -84,7 +84,12 @@ class Detector:
             )
         self.bundle = bundle
         self.min_positive = min_positive
-        self.embedder: Embedder = get_embedder(meta.embedder, **meta.embedder_params)
+        try:
+            self.embedder: Embedder = get_embedder(meta.embedder, **meta.embedder_params)
+        except TypeError as exc:  # a hand-edited model.json with unknown embedder options
+            raise ModelBundleError(
+                f"model.json's embedder_params do not fit {meta.embedder} ({exc}); retrain"
+            ) from None
         bundle.check_embedder(self.embedder.name, self.embedder.version)
 
     @classmethod

@@ -101,12 +101,17 @@ def spatial_bands(coords: np.ndarray, labels: np.ndarray, groups: np.ndarray, fo
             f"{int(np.isnan(coords).sum())} crops have no coordinates in their file names; the spatial "
             "protocol needs the study's <lat>_<lon>_<date>_super_<n> names (use --protocol grouped)"
         )
-    pos_scenes = {g: c for g, c, y in zip(groups, coords, labels) if y == 1}
-    scene_coords = np.array(sorted(pos_scenes.values()))
-    if len(scene_coords) < folds:
-        raise DatasetError(f"only {len(scene_coords)} positive scenes for {folds} spatial bands; use fewer --folds")
-    edges = np.quantile(scene_coords, np.linspace(0, 1, folds + 1)[1:-1])
-    return np.digitize(coords, edges)
+    # One coordinate per scene: crops of a scene carry it with float noise in their names, and an
+    # edge falling between two noisy copies would split the scene across bands.
+    scene_coord: dict[str, float] = {}
+    for g, c in zip(groups, coords):
+        scene_coord.setdefault(g, c)
+    positive_scenes = {g for g, y in zip(groups, labels) if y == 1}
+    pos_coords = np.array(sorted(scene_coord[g] for g in positive_scenes))
+    if len(pos_coords) < folds:
+        raise DatasetError(f"only {len(pos_coords)} positive scenes for {folds} spatial bands; use fewer --folds")
+    edges = np.quantile(pos_coords, np.linspace(0, 1, folds + 1)[1:-1])
+    return np.digitize([scene_coord[g] for g in groups], edges)
 
 
 def spatial_folds(coords, labels, groups, folds: int):

@@ -2,22 +2,26 @@
 
 Everything is read from the run store, so an export can be made at any time, also while a scan is
 still running, and never imports TensorFlow. Each output is written atomically: a reader never
-sees half a file. ``map.html`` carries the overlay pictures inline (base64), so it can be mailed
-or archived as one file.
+sees half a file. ``map.html`` carries Leaflet and the overlay pictures inline, so it can be
+mailed or archived as one file and opened offline.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
+import struct
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import atomic
 from .errors import AreaError, ConfigError
 from .store import RunStore
-from .tiles import Bounds, parse_geojson
+from .tiles import Area, Bounds, parse_geojson
 from .tiles import contains as _point_in_polygons
 
 M2_PER_HA = 10_000.0
@@ -133,6 +137,62 @@ def _summary(store: RunStore, features: list[dict], with_registry: bool) -> Expo
     )
 
 
+#: The package (django-js-lib-leaflet, BSD, no dependencies) whose Leaflet 1.9.4 is inlined in the map.
+LEAFLET_PACKAGE = "js_lib_leaflet"
+#: The deepest zoom the map allows: a superpixel of a zoom-18 scan is a few screen pixels at 18.
+MAP_MAX_ZOOM = 22
+#: Widest popup, in px: the overlay thumbnails are at most 512 px wide.
+POPUP_MAX_PX = 540
+#: Placeholders Leaflet fills in a tile URL template; ``{q}`` (quadkeys) and ``{key}`` it cannot.
+_LEAFLET_PLACEHOLDERS = {"z", "x", "y", "-y", "s", "r"}
+_STYLES = {
+    "area": {"color": "#3388ff", "weight": 1, "fill": False, "dashArray": "4 4"},
+    "scene": {"color": "#ff7800", "weight": 2, "fillOpacity": 0.05},
+    "superpixel": {"color": "#e00000", "weight": 1, "fillOpacity": 0.35},
+}
+
+
+def check_basemap(basemap: str) -> str:
+    """``basemap`` if the map can use it: "osm", "none", or an XYZ URL template Leaflet can fill."""
+    if basemap in ("osm", "none"):
+        return basemap
+    names = set(re.findall(r"\{([^{}]*)\}", basemap))
+    if not basemap.startswith(("http://", "https://")) or not {"z", "x"} <= names or not names & {"y", "-y"} \
+            or names - _LEAFLET_PLACEHOLDERS:
+        raise ConfigError(f"--basemap {basemap!r} is not osm, none, or an http(s) URL template with {{z}}, {{x}}, {{y}} or {{-y}} "
+                          "(and only {s}, {r} besides); e.g. --basemap 'https://tiles.example.org/{z}/{x}/{y}.png'")
+    return basemap
+
+
+def _leaflet_assets() -> tuple[str, str]:
+    """Leaflet's JS and CSS, to inline: the page must work offline, where CDNs are unreachable.
+
+    The CSS's icons (the layer control's) become data URIs, and the source-map comment goes, so
+    the browser never asks for a file that is not in the page.
+    """
+    try:
+        root = resources.files(LEAFLET_PACKAGE) / "static" / LEAFLET_PACKAGE
+    except ModuleNotFoundError:
+        raise ConfigError("map.html needs Leaflet from the django-js-lib-leaflet package; "
+                          "pip install django-js-lib-leaflet==1.9.4.1") from None
+    js = re.sub(r"//# sourceMappingURL=\S+\s*$", "", (root / "leaflet.js").read_text("utf-8"))
+    css = re.sub(r"url\(images/([\w.-]+\.png)\)",
+                 lambda m: f"url(data:image/png;base64,{base64.b64encode((root / 'images' / m[1]).read_bytes()).decode()})",
+                 (root / "leaflet.css").read_text("utf-8"))
+    return js, css
+
+
+def _script_json(obj: object) -> str:
+    """JSON that can sit inside a <script> element: no ``</script>`` can end it early."""
+    return json.dumps(obj).replace("<", "\\u003c")
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk. Leaflet sizes a popup when it opens, before the
+    picture is decoded, so the ``<img>`` must state its size or the popup comes out too narrow."""
+    return struct.unpack(">II", png[16:24])
+
+
 def _popup_html(scene: dict, overlay: Path) -> str:
     lines = [f"<b>{scene['scene_id']}</b>",
              f"{scene['n_positive']} positive superpixels, max p {scene['probability']:.2f}",
@@ -140,46 +200,114 @@ def _popup_html(scene: dict, overlay: Path) -> str:
     if "licensed" in scene:
         lines.append("inside a licensed area" if scene["licensed"] else "<b>outside any licensed area</b>")
     if overlay.is_file():
-        data = base64.b64encode(overlay.read_bytes()).decode("ascii")
-        lines.append(f'<img src="data:image/png;base64,{data}" style="width:100%;max-width:512px">')
+        png = overlay.read_bytes()
+        width, height = _png_size(png)
+        lines.append(f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" width="{width}" '
+                     f'height="{height}" alt="scene {scene["scene_id"]}">')
     return "<br>".join(lines)
 
 
-def _map(store: RunStore, features: list[dict]) -> str:
-    """The Leaflet map: flagged scenes (click for the overlay picture) and their superpixels."""
+def _layer_features(features: list[dict], kind: str) -> list[dict]:
+    """Copies of one kind of feature with their Leaflet style, which folium's GeoJson applies
+    from ``properties.style``; the exported GeoJSON keeps its own, unstyled features."""
+    return [{**f, "properties": {**f["properties"], "style": _STYLES[kind]}} for f in features if f["properties"]["kind"] == kind]
+
+
+def _area_feature(area: Area) -> dict:
+    polygons = [[list(map(list, ring)) for ring in polygon] for polygon in area.polygons]
+    geometry = {"type": "MultiPolygon", "coordinates": polygons} if polygons else _rectangle(area.bounds)
+    return {"type": "Feature", "geometry": geometry, "properties": {"style": _STYLES["area"]}}
+
+
+def _raw(html: str):
+    """A page element rendered verbatim: an Element's own template would parse Leaflet as Jinja."""
+    from branca.element import Element
+
+    element = Element("{{ this.raw }}")
+    element.raw = html
+    return element
+
+
+def _base_layer(basemap: str, zoom: int):
+    """The background tiles: OpenStreetMap, none, or an XYZ source drawn up to its native ``zoom``."""
     import folium
 
-    area = store.config.area.bounds
-    fmap = folium.Map(tiles="OpenStreetMap", control_scale=True)
-    fmap.fit_bounds([[area.south, area.west], [area.north, area.east]])
-    detections = folium.FeatureGroup(name="detections", show=True)
-    for feature in features:
-        p = feature["properties"]
-        if p["kind"] == "scene":
-            layer = folium.GeoJson(feature, style_function=lambda _: {"color": "#ff7800", "weight": 2, "fillOpacity": 0.05})
-            folium.Popup(_popup_html(p, store.overlay_path(p["scene_id"])), max_width=540).add_to(layer)
-        else:
-            layer = folium.GeoJson(feature, style_function=lambda _: {"color": "#e00000", "weight": 1, "fillOpacity": 0.35},
-                                   tooltip=f"p={p['probability']:.2f}, {p['area_m2']:.0f} m²")
-        layer.add_to(detections)
-    detections.add_to(fmap)
+    if basemap == "osm":
+        return folium.TileLayer("OpenStreetMap", max_zoom=MAP_MAX_ZOOM, max_native_zoom=19)
+    if basemap != "none":
+        return folium.TileLayer(basemap, name="imagery", attr=urlsplit(basemap).hostname, max_zoom=MAP_MAX_ZOOM,
+                                max_native_zoom=zoom)
+    return None
+
+
+def _map(store: RunStore, features: list[dict], basemap: str) -> str:
+    """A self-contained Leaflet page: the scanned area, flagged scenes and positive superpixels.
+
+    Clicking a scene or one of its superpixels opens the scene's overlay picture. The pictures
+    sit once per scene in a lookup table, not in every superpixel's popup. folium's default CDN
+    assets are dropped and Leaflet is inlined, so the page needs no network (except for the
+    base map's tiles); the only folium features used are the ones plain Leaflet can run
+    (jQuery-based ``folium.Popup`` is not one).
+    """
+    import folium
+    from folium.utilities import JsCode
+
+    config = store.config
+    fmap = folium.Map(tiles=None, control_scale=True, maxZoom=MAP_MAX_ZOOM)
+    fmap.default_js, fmap.default_css = [], []
+    js, css = _leaflet_assets()
+    popups = {f["properties"]["scene_id"]: _popup_html(f["properties"], store.overlay_path(f["properties"]["scene_id"]))
+              for f in features if f["properties"]["kind"] == "scene"}
+    header = fmap.get_root().header
+    header.add_child(_raw(f"<style>{css}</style>"), name="leaflet_css")
+    header.add_child(_raw(f"<script>{js}</script>"), name="leaflet")
+    header.add_child(_raw(f"<script>var amberScenePopups = {_script_json(popups)};</script>"), name="amber_popups")
+    base = _base_layer(basemap, config.zoom)
+    if base is not None:
+        base.add_to(fmap)
+    folium.GeoJson(_area_feature(config.area), name="area scanned", interactive=False).add_to(fmap)
+    scene_popup = JsCode(f"""function (feature, layer) {{
+        layer.bindPopup(function () {{ return amberScenePopups[feature.properties.scene_id]; }}, {{maxWidth: {POPUP_MAX_PX}}});
+    }}""")
+    tooltips = {"scene": (["scene_id", "n_positive", "probability", "area_m2"],
+                          ["scene", "positive superpixels", "max probability", "area m²"]),
+                "superpixel": (["scene_id", "label", "probability", "area_m2"], ["scene", "superpixel", "probability", "area m²"])}
+    for kind, name in (("scene", "flagged scenes"), ("superpixel", "positive superpixels")):
+        layer_features = _layer_features(features, kind)
+        if layer_features:
+            fields, aliases = tooltips[kind]
+            folium.GeoJson({"type": "FeatureCollection", "features": layer_features}, name=name, on_each_feature=scene_popup,
+                           tooltip=folium.GeoJsonTooltip(fields, aliases)).add_to(fmap)
+    rings = [f["geometry"]["coordinates"][0] for f in features if f["properties"]["kind"] == "scene"]
+    if rings:
+        lons = [p[0] for ring in rings for p in ring]
+        lats = [p[1] for ring in rings for p in ring]
+        fmap.fit_bounds([[min(lats), min(lons)], [max(lats), max(lons)]])
+    else:
+        b = config.area.bounds
+        fmap.fit_bounds([[b.south, b.west], [b.north, b.east]])
     folium.LayerControl(collapsed=False).add_to(fmap)
     return fmap.get_root().render()
 
 
-def export(run_dir: str | Path, out_dir: str | Path, registry: str | Path | None = None) -> tuple[ExportPaths, ExportSummary]:
+def export(
+    run_dir: str | Path, out_dir: str | Path, registry: str | Path | None = None, basemap: str = "osm"
+) -> tuple[ExportPaths, ExportSummary]:
     """Write ``detections.geojson``, ``summary.json`` and ``map.html`` for a run into ``out_dir``.
 
     With ``registry`` (a GeoJSON of licensed polygons) every detection gets ``licensed`` true or
     false by whether its centroid lies in a licensed polygon, and the summary counts the others.
+    ``basemap`` is what the map draws beneath the detections: "osm" (OpenStreetMap, online),
+    "none" (nothing, so the page needs no network at all) or an XYZ URL template.
     """
+    check_basemap(basemap)
     registry_areas = None if registry is None else Registry(registry)
     out = Path(out_dir)
     paths = ExportPaths(out / "detections.geojson", out / "summary.json", out / "map.html")
     with RunStore(run_dir) as store:
         features = _features(store, registry_areas)
         summary = _summary(store, features, registry_areas is not None)
-        page = _map(store, features)
+        page = _map(store, features, basemap)
     atomic.write_json(paths.detections, {"type": "FeatureCollection", "features": features})
     atomic.write_json(paths.summary, {k: v for k, v in asdict(summary).items() if v is not None})
     atomic.write_bytes(paths.map, page.encode("utf-8"))

@@ -62,10 +62,9 @@ def decode_rgb(data: bytes, *, name: str = "image") -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # forces a full decode so truncated files fail here, not later
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(im, dtype=np.uint32)
-                array = (
-                    (array >> 8).clip(0, 255).astype(np.uint8) if array.max(initial=0) > 255 else array.astype(np.uint8)
-                )
+                # 16-bit: keep the high byte, whatever the range actually used, so that two
+                # exports of the same scene always come out equally bright.
+                array = (np.asarray(im, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
             elif im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "LA", "F"):
                 array = np.asarray(im.convert("RGB"))
             else:

@@ -4,6 +4,7 @@ cross-check, and the ``status``/``export`` commands (which must not load TensorF
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from amber_hunter.cli_scan import export as export_command
 from amber_hunter.cli_scan import status as status_command
-from amber_hunter.errors import RunStoreError
+from amber_hunter.errors import ConfigError, RunStoreError
 from amber_hunter.export import export
 from amber_hunter.store import RunStore
 from test_scan import folder_run, region, tiny_model  # noqa: F401 - shared session fixtures
@@ -40,8 +41,33 @@ def test_export_writes_detections_summary_and_map(folder_run, tmp_path):
     assert data["damaged_ha"] == pytest.approx(expected_ha, abs=1e-3) and data["damaged_ha"] > 0
     assert data["damaged_ha_by_year"] == {"unknown": data["damaged_ha"]}
     page = paths.map.read_text()
-    assert "detections" in page and "leaflet" in page.lower()
-    assert page.count("data:image/png;base64,") == len(flagged)
+    assert "flagged scenes" in page and "positive superpixels" in page and "Leaflet 1.9.4" in page
+    popups = json.loads(re.search(r"var amberScenePopups = (.*?);</script>", page)[1])  # one per scene, not per superpixel
+    assert sorted(popups) == sorted(s.scene_id for s, _ in flagged)
+    assert all(html.count("<img src=\"data:image/png;base64,") == 1 for html in popups.values())
+    assert "<script src=" not in page and "<link " not in page  # Leaflet is inlined; no CDN asset is left
+    assert "tile.openstreetmap.org" in page  # the default base map, for users online
+
+
+@pytest.mark.parametrize("basemap, expected", [
+    ("none", None),
+    ("https://tiles.example.org/{z}/{x}/{-y}.png", '"maxNativeZoom": 18'),
+])
+def test_basemap_is_none_or_an_xyz_template(basemap, expected, folder_run, tmp_path):
+    page = export(folder_run, tmp_path / "out", basemap=basemap)[0].map.read_text()
+    assert "openstreetmap" not in page
+    if expected is None:
+        assert "L.tileLayer(" not in page
+    else:
+        assert basemap in page and expected in page
+
+
+@pytest.mark.parametrize("basemap", ["https://t.example.org/{q}.jpeg", "https://t.example.org/{z}/{x}/{y}?k={key}",
+                                     "/data/tiles", "satellite"])
+def test_a_basemap_leaflet_cannot_draw_is_refused_before_writing(basemap, folder_run, tmp_path):
+    with pytest.raises(ConfigError, match="--basemap .* is not osm, none, or an http"):
+        export(folder_run, tmp_path / "out", basemap=basemap)
+    assert not (tmp_path / "out").exists()
 
 
 def test_registry_marks_detections_inside_licensed_areas(folder_run, tmp_path):

@@ -160,6 +160,6 @@ class ResNet50Embedder(CnnEmbedder):
                 raise EmbedderError(f"cannot load ResNet50 weights from {self.weights}: {exc}") from None
             raise WeightsUnavailableError(
                 "ResNet50 ImageNet weights are not cached and cannot be downloaded "
-                f"({str(exc).splitlines()[0][:120]}); put {self.CACHE_FILE} at {self.cache_path()} "
+                f"({str(exc).splitlines()[0][-100:]}); put {self.CACHE_FILE} at {self.cache_path()} "
                 "or pass --resnet-weights PATH"
             ) from None
