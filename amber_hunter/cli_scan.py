@@ -65,11 +65,13 @@ def status(run_dir):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the outputs.")
 @click.option("--registry", type=click.Path(dir_okay=False), default=None, help="GeoJSON of licensed areas to cross-check.")
-def export(run_dir, out_dir, registry):
+@click.option("--basemap", default="osm", show_default=True,
+              help="Map background: osm (OpenStreetMap, online), none (fully offline), or an XYZ URL template.")
+def export(run_dir, out_dir, registry, basemap):
     """Write detections.geojson, summary.json and map.html for a run."""
     from .export import export as run_export
 
-    paths, summary = run_export(run_dir, out_dir, registry)
+    paths, summary = run_export(run_dir, out_dir, registry, basemap)
     licence = "" if summary.scenes_unlicensed is None else f", {summary.scenes_unlicensed} outside licensed areas"
     click.echo(f"{summary.scenes_flagged} of {summary.scenes_scanned} scenes flagged{licence}; "
                f"{summary.damaged_ha:.2f} ha suspected")

@@ -63,7 +63,8 @@ class Registry:
         try:
             obj = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--registry {path}: not a readable GeoJSON file ({exc}); give a GeoJSON of licensed polygons") from None
+            raise ConfigError(f"--registry {path}: not a readable GeoJSON file ({exc}); "
+                              "give a GeoJSON of licensed polygons") from None
         try:
             self.polygons = parse_geojson(obj).polygons
         except AreaError as exc:
@@ -139,7 +140,7 @@ def _summary(store: RunStore, features: list[dict], with_registry: bool) -> Expo
 
 #: The package (django-js-lib-leaflet, BSD, no dependencies) whose Leaflet 1.9.4 is inlined in the map.
 LEAFLET_PACKAGE = "js_lib_leaflet"
-#: The deepest zoom the map allows: a superpixel of a zoom-18 scan is a few screen pixels at 18.
+#: The deepest zoom the map allows, past the tiles' own (Leaflet enlarges them), to look at small pits.
 MAP_MAX_ZOOM = 22
 #: Widest popup, in px: the overlay thumbnails are at most 512 px wide.
 POPUP_MAX_PX = 540
@@ -152,16 +153,16 @@ _STYLES = {
 }
 
 
-def check_basemap(basemap: str) -> str:
-    """``basemap`` if the map can use it: "osm", "none", or an XYZ URL template Leaflet can fill."""
+def check_basemap(basemap: str) -> None:
+    """Refuse a base map the page cannot draw: it must be "osm", "none", or an XYZ URL template
+    that Leaflet can fill (a quadkey ``{q}`` or an API ``{key}`` it cannot, nor a local folder)."""
     if basemap in ("osm", "none"):
-        return basemap
+        return
     names = set(re.findall(r"\{([^{}]*)\}", basemap))
     if not basemap.startswith(("http://", "https://")) or not {"z", "x"} <= names or not names & {"y", "-y"} \
             or names - _LEAFLET_PLACEHOLDERS:
-        raise ConfigError(f"--basemap {basemap!r} is not osm, none, or an http(s) URL template with {{z}}, {{x}}, {{y}} or {{-y}} "
-                          "(and only {s}, {r} besides); e.g. --basemap 'https://tiles.example.org/{z}/{x}/{y}.png'")
-    return basemap
+        raise ConfigError(f"--basemap {basemap!r} is not osm, none, or an http(s) URL template with {{z}}, {{x}}, "
+                          "{y} or {-y} (and only {s}, {r} besides); e.g. --basemap 'https://tiles.example.org/{z}/{x}/{y}.png'")
 
 
 def _leaflet_assets() -> tuple[str, str]:
@@ -175,10 +176,12 @@ def _leaflet_assets() -> tuple[str, str]:
     except ModuleNotFoundError:
         raise ConfigError("map.html needs Leaflet from the django-js-lib-leaflet package; "
                           "pip install django-js-lib-leaflet==1.9.4.1") from None
+
+    def data_uri(match: re.Match) -> str:
+        return f"url(data:image/png;base64,{base64.b64encode((root / 'images' / match[1]).read_bytes()).decode()})"
+
     js = re.sub(r"//# sourceMappingURL=\S+\s*$", "", (root / "leaflet.js").read_text("utf-8"))
-    css = re.sub(r"url\(images/([\w.-]+\.png)\)",
-                 lambda m: f"url(data:image/png;base64,{base64.b64encode((root / 'images' / m[1]).read_bytes()).decode()})",
-                 (root / "leaflet.css").read_text("utf-8"))
+    css = re.sub(r"url\(images/([\w.-]+\.png)\)", data_uri, (root / "leaflet.css").read_text("utf-8"))
     return js, css
 
 
@@ -210,7 +213,8 @@ def _popup_html(scene: dict, overlay: Path) -> str:
 def _layer_features(features: list[dict], kind: str) -> list[dict]:
     """Copies of one kind of feature with their Leaflet style, which folium's GeoJson applies
     from ``properties.style``; the exported GeoJSON keeps its own, unstyled features."""
-    return [{**f, "properties": {**f["properties"], "style": _STYLES[kind]}} for f in features if f["properties"]["kind"] == kind]
+    return [{**f, "properties": {**f["properties"], "style": _STYLES[kind]}}
+            for f in features if f["properties"]["kind"] == kind]
 
 
 def _area_feature(area: Area) -> dict:
@@ -267,17 +271,18 @@ def _map(store: RunStore, features: list[dict], basemap: str) -> str:
         base.add_to(fmap)
     folium.GeoJson(_area_feature(config.area), name="area scanned", interactive=False).add_to(fmap)
     scene_popup = JsCode(f"""function (feature, layer) {{
-        layer.bindPopup(function () {{ return amberScenePopups[feature.properties.scene_id]; }}, {{maxWidth: {POPUP_MAX_PX}}});
+        layer.bindPopup(() => amberScenePopups[feature.properties.scene_id], {{maxWidth: {POPUP_MAX_PX}}});
     }}""")
     tooltips = {"scene": (["scene_id", "n_positive", "probability", "area_m2"],
                           ["scene", "positive superpixels", "max probability", "area m²"]),
-                "superpixel": (["scene_id", "label", "probability", "area_m2"], ["scene", "superpixel", "probability", "area m²"])}
+                "superpixel": (["scene_id", "label", "probability", "area_m2"],
+                               ["scene", "superpixel", "probability", "area m²"])}
     for kind, name in (("scene", "flagged scenes"), ("superpixel", "positive superpixels")):
         layer_features = _layer_features(features, kind)
         if layer_features:
             fields, aliases = tooltips[kind]
-            folium.GeoJson({"type": "FeatureCollection", "features": layer_features}, name=name, on_each_feature=scene_popup,
-                           tooltip=folium.GeoJsonTooltip(fields, aliases)).add_to(fmap)
+            folium.GeoJson({"type": "FeatureCollection", "features": layer_features}, name=name,
+                           on_each_feature=scene_popup, tooltip=folium.GeoJsonTooltip(fields, aliases)).add_to(fmap)
     rings = [f["geometry"]["coordinates"][0] for f in features if f["properties"]["kind"] == "scene"]
     if rings:
         lons = [p[0] for ring in rings for p in ring]

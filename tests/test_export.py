@@ -10,13 +10,14 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from test_scan import folder_run, region, tiny_model  # noqa: F401 - shared session fixtures
 
 from amber_hunter.cli_scan import export as export_command
 from amber_hunter.cli_scan import status as status_command
+from amber_hunter.config import RunConfig
 from amber_hunter.errors import ConfigError, RunStoreError
 from amber_hunter.export import export
 from amber_hunter.store import RunStore
-from test_scan import folder_run, region, tiny_model  # noqa: F401 - shared session fixtures
 
 
 def _flagged(run):
@@ -41,8 +42,8 @@ def test_export_writes_detections_summary_and_map(folder_run, tmp_path):
     assert data["damaged_ha"] == pytest.approx(expected_ha, abs=1e-3) and data["damaged_ha"] > 0
     assert data["damaged_ha_by_year"] == {"unknown": data["damaged_ha"]}
     page = paths.map.read_text()
-    assert "flagged scenes" in page and "positive superpixels" in page and "Leaflet 1.9.4" in page
-    popups = json.loads(re.search(r"var amberScenePopups = (.*?);</script>", page)[1])  # one per scene, not per superpixel
+    assert "flagged scenes" in page and "positive superpixels" in page and "Leaflet 1.9." in page
+    popups = json.loads(re.search(r"var amberScenePopups = (.*?);</script>", page)[1])  # per scene, not per superpixel
     assert sorted(popups) == sorted(s.scene_id for s, _ in flagged)
     assert all(html.count("<img src=\"data:image/png;base64,") == 1 for html in popups.values())
     assert "<script src=" not in page and "<link " not in page  # Leaflet is inlined; no CDN asset is left
@@ -68,6 +69,16 @@ def test_a_basemap_leaflet_cannot_draw_is_refused_before_writing(basemap, folder
     with pytest.raises(ConfigError, match="--basemap .* is not osm, none, or an http"):
         export(folder_run, tmp_path / "out", basemap=basemap)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_without_detections_maps_the_area_it_scanned(tmp_path):
+    config = RunConfig(aoi="26.25,50.62,26.26,50.63", tiles=str(tmp_path / "tiles"))
+    RunStore(tmp_path / "run", config).close()
+    paths, summary = export(tmp_path / "run", tmp_path / "out", basemap="none")
+    page = paths.map.read_text()
+    assert summary.scenes_flagged == 0 and json.loads(paths.detections.read_text())["features"] == []
+    assert "area scanned" in page and "flagged scenes" not in page
+    assert "[[50.62, 26.25], [50.63, 26.26]]" in page  # the view fits the area
 
 
 def test_registry_marks_detections_inside_licensed_areas(folder_run, tmp_path):

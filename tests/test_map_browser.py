@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import websocket
+from test_scan import folder_run, region, tiny_model  # noqa: F401 - shared session fixtures
 
 from amber_hunter.export import export
-from test_scan import folder_run, region, tiny_model  # noqa: F401 - shared session fixtures
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_S = 60.0

@@ -11,7 +11,7 @@ exported to ``DIR/demo-export`` (``map.html``, ``detections.geojson``, ``summary
 The demo's scenes have known labels (``scenes.json``), so the run checks itself: it exits 1 unless
 every positive scene is flagged and no negative one is. Running it again resumes the scan in
 ``DIR/demo-run``. The server gets a new port on every start, so a run that differs from this one
-only in that port is resumed, not refused.
+only in that port is resumed, not refused; one made with another model is refused.
 
 The map's base layer is OpenStreetMap by default, which needs the internet; the detections and
 their pictures are inside ``map.html`` and show offline too. ``--basemap none`` drops it.
@@ -25,22 +25,21 @@ import functools
 import json
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 from build_demo_region import SCENE_TILES, ZOOM, build_demo_region
 
 from amber_hunter.config import RunConfig
-from amber_hunter.errors import AmberHunterError, RunStoreError
+from amber_hunter.errors import AmberHunterError, ConfigError, RunStoreError
 from amber_hunter.export import ExportPaths, ExportSummary, check_basemap, export
 from amber_hunter.scan import ScanSummary, scan
 from amber_hunter.store import RunStore
 
 #: Where the tiles sit under the served folder, as a URL template.
 TILE_PATH = "/tiles/{z}/{x}/{y}.png"
-LOCAL_HOST = "http://127.0.0.1:"
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -57,7 +56,7 @@ def serve(folder: Path) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:
-        yield f"{LOCAL_HOST}{server.server_port}"
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
@@ -66,7 +65,8 @@ def serve(folder: Path) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the demo did: the scan, the export, and the scenes whose outcome differs from their label."""
+    """What the demo did: the scan, the export, the sources of the flagged scenes, and one line per
+    scene whose outcome differs from its label."""
 
     scan: ScanSummary
     paths: ExportPaths
@@ -75,15 +75,21 @@ class DemoResult:
     problems: list[str]
 
 
-def _only_port_changed(run: Path, config: RunConfig) -> bool:
-    """Whether ``run`` was started by this demo against the same tiles on another port."""
+def _force_resume(run: Path, config: RunConfig) -> bool:
+    """Whether ``run`` must be forced to take ``config``: it was scanned from this demo's server on
+    another port, or it has no finished scene yet (an earlier start failed, e.g. on a missing
+    model). A finished scan with another model is refused, with a fix that fits the demo."""
     try:
         with RunStore(run) as store:
-            previous = store.config
+            changed = store.config.differences(config)
+            status = store.status()
     except RunStoreError:
         return False  # a new run
-    return previous.differences(config) == ["tiles"] and previous.tiles.startswith(LOCAL_HOST) \
-        and previous.tiles.endswith(TILE_PATH)
+    others = [name for name in changed if name != "tiles"]
+    if others and status.pending < status.total:
+        raise ConfigError(f"{run} holds a demo scan made with another {', '.join(others)}; "
+                          "delete it or choose another --out")
+    return bool(changed)
 
 
 def check_flags(run: Path, scenes_json: Path) -> tuple[list[str], list[str]]:
@@ -94,8 +100,10 @@ def check_flags(run: Path, scenes_json: Path) -> tuple[list[str], list[str]]:
     flagged, problems = [], []
     for scene_id, info in expected.items():
         scene, name = scenes.get(scene_id), f"{info['source']} ({scene_id})"
-        if scene is None or scene.status != "done":
-            problems.append(f"{name} was not scanned: {scene.status + ', ' + (scene.error or '') if scene else 'not in the run'}")
+        if scene is None:
+            problems.append(f"{name} is not in the run")
+        elif scene.status != "done":
+            problems.append(f"{name} was not scanned ({scene.status}: {scene.error})")
         elif scene.flagged != (info["label"] == "positive"):
             problems.append(f"{name} is {info['label']} but was {'flagged' if scene.flagged else 'not flagged'}")
         if scene is not None and scene.flagged:
@@ -111,10 +119,10 @@ def run_demo(out: Path, model: str | None = None, basemap: str = "osm", data: Pa
     region = build_demo_region(out / "demo-region", data=data)
     run, export_dir = out / "demo-run", out / "demo-export"
     with serve(region.out) as url:
-        config = RunConfig(aoi=str(region.out / "aoi.geojson"), tiles=url + TILE_PATH, zoom=ZOOM, scene_tiles=SCENE_TILES,
-                           model=model)
+        config = RunConfig(aoi=str(region.out / "aoi.geojson"), tiles=url + TILE_PATH, zoom=ZOOM,
+                           scene_tiles=SCENE_TILES, model=model)
         print(f"demo: scanning {len(region.scenes)} scenes served from {url}", file=sys.stderr)
-        scanned = scan(config, run, force=_only_port_changed(run, config), progress=lambda total: tqdm(
+        scanned = scan(config, run, force=_force_resume(run, config), progress=lambda total: tqdm(
             total=total, unit="scene", desc="scanning", file=sys.stderr, disable=None))
         paths, summary = export(run, export_dir, basemap=basemap)
     flagged, problems = check_flags(run, region.out / "scenes.json")
