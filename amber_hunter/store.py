@@ -329,9 +329,15 @@ class RunStore:
         with self._guard("read the run status"):
             counts = dict(self._db.execute("SELECT status, COUNT(*) FROM scenes GROUP BY status").fetchall())
             flagged = self._db.execute("SELECT COUNT(*) FROM scenes WHERE status = 'done' AND flagged").fetchone()[0]
-            start = self._db.execute("SELECT MAX(ts) FROM events WHERE kind = 'start'").fetchone()[0]
-            n, last = self._db.execute(
-                "SELECT COUNT(*), MAX(ts) FROM events WHERE kind = 'scene' AND ts >= ?", (start or 0.0,)
+            # The latest session that processed scenes: a rerun with nothing pending leaves the rate
+            # of the session that did the work. Timing from its first to its last scene leaves out
+            # the model loading, which would make short runs look slow.
+            start = self._db.execute(
+                "SELECT MAX(e.ts) FROM events e WHERE e.kind = 'start' AND EXISTS "
+                "(SELECT 1 FROM events s WHERE s.kind = 'scene' AND s.ts >= e.ts)"
+            ).fetchone()[0]
+            n, first, last = self._db.execute(
+                "SELECT COUNT(*), MIN(ts), MAX(ts) FROM events WHERE kind = 'scene' AND ts >= ?", (start or 0.0,)
             ).fetchone()
         return RunStatus(
             total=sum(counts.values()),
@@ -341,7 +347,7 @@ class RunStore:
             no_imagery=counts.get("no-imagery", 0),
             skipped=counts.get("skipped", 0),
             flagged=flagged,
-            rate=n / (last - start) if n and start is not None and last > start else None,
+            rate=(n - 1) / (last - first) if n >= 2 and last > first else None,
         )
 
     def scenes(self, *, flagged_only: bool = False) -> Iterator[StoredScene]:
