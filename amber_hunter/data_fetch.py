@@ -26,6 +26,7 @@ import requests
 
 from .data import TEXTY, user_data_dir
 from .errors import DatasetError
+from .fetch import TRANSIENT_ERRORS
 
 #: Raw files of the upstream repository's dataset folder; manifest ``url_path``s are relative to it.
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/texty/amber-methodology/master/model/datasets/"
@@ -34,13 +35,6 @@ MANIFEST_PATH = Path(__file__).with_name("texty_manifest.json")
 #: Folders of the dataset that are fetched: the labelled crops and the six whole example scenes.
 DATASET_FOLDERS = ("positive", "negative", "example")
 _CHUNK = 1 << 16
-#: Failures worth another try: the network or the server may well behave next time.
-_TRANSIENT = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-)
 
 
 @dataclass(frozen=True)
@@ -210,7 +204,7 @@ def _download(
         except _Transient as exc:
             last = str(exc)
             continue
-        except _TRANSIENT as exc:
+        except TRANSIENT_ERRORS as exc:
             last = f"{type(exc).__name__}: {exc}".replace("\n", " ")
             continue
         if digest != entry.sha256:

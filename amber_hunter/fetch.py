@@ -41,7 +41,7 @@ PLACEHOLDERS = frozenset({"z", "x", "y", "-y", "q", "s", "key"})
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _MASK = "***"
 #: Failures worth another try: the server or the network may well behave next time.
-_TRANSIENT = (
+TRANSIENT_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
     requests.exceptions.ChunkedEncodingError,
@@ -312,7 +312,7 @@ class HttpTileSource(TileSource):
                 limiter.wait()
             try:
                 response = self._session.get(url, timeout=self.timeout)
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 last = f"{type(exc).__name__}: {self._mask(str(exc))}"
                 delay = self._backoff(attempt)
                 continue
