@@ -41,12 +41,13 @@ def _progress(desc: str):
 
 
 def _embedder(name: str, resnet_weights: str):
+    """Build ``name`` with ``--resnet-weights`` applied to its resnet50 part, if it has one."""
     from .embed import get_embedder
 
-    params = {"weights": resnet_weights}
-    if "+" in name:
-        return get_embedder(name, resnet50=params) if "resnet50" in name.split("+") else get_embedder(name)
-    return get_embedder(name, **params) if name == "resnet50" else get_embedder(name)
+    resnet = {"weights": resnet_weights}
+    if "+" in name:  # a combined embedder takes options keyed by part name, and ignores the others
+        return get_embedder(name, resnet50=resnet)
+    return get_embedder(name, **(resnet if name == "resnet50" else {}))
 
 
 def _write_outputs(files: dict) -> None:
