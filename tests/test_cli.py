@@ -501,40 +501,15 @@ def test_evaluate_spatial_needs_study_names(tmp_path, out):
     assert_user_error(result, out / "r.json", out / "r.pr.png", fragment="--protocol grouped")
 
 
-def test_evaluate_spatial_too_many_folds(small_data, shared_cache, out):
+@pytest.mark.parametrize(
+    "protocol, folds, fragment", [("spatial", 30, "use fewer --folds"), ("grouped", 50, "use fewer --folds")]
+)
+def test_evaluate_more_folds_than_scenes(protocol, folds, fragment, small_data, shared_cache, out):
     result = run(
-        "evaluate",
-        small_data,
-        "--embedder",
-        "texture",
-        "--protocol",
-        "spatial",
-        "--folds",
-        30,
-        "--json",
-        out / "r.json",
-        "--cache-dir",
-        shared_cache,
-    )
-    assert_user_error(result, out / "r.json", out / "r.pr.png", fragment="use fewer --folds")
-
-
-def test_evaluate_grouped_more_folds_than_scenes(small_data, shared_cache, out):
-    result = run(
-        "evaluate",
-        small_data,
-        "--embedder",
-        "texture",
-        "--protocol",
-        "grouped",
-        "--folds",
-        50,
-        "--json",
-        out / "r.json",
-        "--cache-dir",
-        shared_cache,
-    )
-    assert_user_error(result, out / "r.json", out / "r.pr.png")
+        "evaluate", small_data, "--embedder", "texture", "--protocol", protocol, "--folds", folds,
+        "--json", out / "r.json", "--cache-dir", shared_cache,
+    )  # fmt: skip
+    assert_user_error(result, out / "r.json", out / "r.pr.png", fragment=fragment)
 
 
 @pytest.mark.parametrize(
