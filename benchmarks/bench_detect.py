@@ -39,11 +39,12 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+from amber_hunter.classify import bundled_model_path
+
 REPO = Path(__file__).resolve().parents[1]
 DATASET = (REPO / ".." / "shared" / "datasets" / "texty-amber").resolve()
 SCENE = DATASET / "example" / "positive1.png"
 #: The bundle shipped in the package, used when it is a texture model.
-DEFAULT_MODEL = REPO / "amber_hunter" / "models" / "default"
 
 #: Contract targets: (stage, cores) -> seconds per scene.
 TARGETS = {("texture embed", 1): 0.3, ("detect, texture model", 1): 1.0}
@@ -273,17 +274,19 @@ def train(embedder: str, out: Path, cache_dir: Path, data: Path) -> Path:
 
 
 def texture_model(args, tmp: Path, cache_dir: Path) -> tuple[Path, str]:
-    """``--model``, else the bundled default if it is a texture model, else a freshly trained one."""
+    """``--model``, else the bundled ``fast`` model if it is a texture model, else a freshly trained one."""
     if args.model:
         return args.model, "--model"
-    if bundle_embedder(DEFAULT_MODEL) == "texture":
-        return DEFAULT_MODEL, "bundled default"
+    if bundle_embedder(bundled_model_path("fast")) == "texture":
+        return bundled_model_path("fast"), "bundled fast"
     return train("texture", tmp / "texture_model", cache_dir, args.data), "trained for this run"
 
 
 def vgg16_model(args, tmp: Path, cache_dir: Path) -> tuple[Path | None, str | None]:
     if args.vgg16_model:
         return args.vgg16_model, "--vgg16-model"
+    if args.with_vgg16 and bundle_embedder(bundled_model_path()) == "vgg16+texture":
+        return bundled_model_path(), "bundled default"
     if args.with_vgg16:
         return train("vgg16+texture", tmp / "vgg16_texture_model", cache_dir, args.data), "trained for this run"
     return None, None
