@@ -21,6 +21,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 
+#: Session fixtures of the synthetic scan region, shared by the scan, export and map tests.
+pytest_plugins = ["scan_fixtures"]
+
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
 #: Modules of this suite that must never open a socket (others bring their own local servers).

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from test_scan import folder_run, region, tiny_model  # noqa: F401 - shared session fixtures
 
 from amber_hunter.cli_scan import export as export_command
 from amber_hunter.cli_scan import status as status_command

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import websocket
-from test_scan import folder_run, region, tiny_model  # noqa: F401 - shared session fixtures
 
 from amber_hunter.export import export
 

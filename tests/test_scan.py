@@ -15,141 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-import mercantile
 import numpy as np
 import pytest
 
-from amber_hunter.config import RunConfig
 from amber_hunter.errors import RunStoreError
-from amber_hunter.images import encode_png, read_rgb
+from amber_hunter.images import read_rgb
 from amber_hunter.scan import SIMPLIFY_PX, region_outline, scan
-from amber_hunter.scenes import TILE_SIZE, load_scene
+from amber_hunter.scenes import load_scene
 from amber_hunter.segment import Region
 from amber_hunter.store import RunStore
 from amber_hunter.tiles import SceneCell
+from scan_fixtures import EXPECTED, LAYOUT, SIZE, ZOOM, region_cells, results
 from tile_servers import Fault, tile_server
 
-#: What each scene cell of the test region holds, west to east.
-LAYOUT = ("positive1", "negative1", "positive2", "blank", "missing", "garbage", "small")
-EXPECTED = {"positive1": "done", "negative1": "done", "positive2": "done", "blank": "skipped",
-            "missing": "no-imagery", "garbage": "failed", "small": "failed"}
-ZOOM, SIZE = 18, 2
-#: Launches the CLI the way the installed ``amber-hunter`` does once cli.py registers the commands.
-CLI = ("from amber_hunter.cli import main; from amber_hunter.cli_scan import scan, status, export; "
-       "[main.add_command(c) for c in (scan, status, export)]; main()")
-
-
-def _cells() -> list[SceneCell]:
-    t = mercantile.tile(26.25, 50.62, ZOOM)
-    return [SceneCell(ZOOM, (t.x & ~1) + SIZE * k, t.y & ~1, SIZE) for k in range(len(LAYOUT))]
-
-
-def _scene_image(example: Path, name: str) -> np.ndarray:
-    side = SIZE * TILE_SIZE
-    if name == "blank":
-        return np.full((side, side, 3), 250, np.uint8)
-    image = read_rgb(example / f"{name}.png")
-    r, c = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
-    return image[r:r + side, c:c + side]
-
-
-def _tile_bytes(example: Path, name: str) -> dict[mercantile.Tile, bytes]:
-    if name == "missing":
-        return {}
-    cell = _cells()[LAYOUT.index(name)]
-    if name in ("garbage", "small"):
-        body = b"<html>rate limited</html>" if name == "garbage" else encode_png(np.zeros((128, 128, 3), np.uint8) + 60)
-        return {tile: body for tile in cell.tiles}
-    image = _scene_image(example, name)
-    out = {}
-    for i, tile in enumerate(cell.tiles):
-        r, c = divmod(i, SIZE)
-        out[tile] = encode_png(image[r * TILE_SIZE:(r + 1) * TILE_SIZE, c * TILE_SIZE:(c + 1) * TILE_SIZE])
-    return out
-
-
-def _write_mbtiles(path: Path, tiles: dict) -> None:
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE metadata (name text, value text)")
-    db.execute("CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)")
-    db.executemany("INSERT INTO metadata VALUES (?, ?)", [("minzoom", str(ZOOM)), ("maxzoom", str(ZOOM))])
-    db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", [(t.z, t.x, 2**t.z - 1 - t.y, data) for t, data in tiles.items()])
-    db.commit()
-    db.close()
-
-
-class SyntheticRegion:
-    """The test region on disk: a tile folder, the same tiles as MBTiles, and its bbox."""
-
-    def __init__(self, root: Path, example: Path):
-        self.folder = root / "tiles"
-        self.mbtiles = root / "region.mbtiles"
-        tiles = {t: data for name in LAYOUT for t, data in _tile_bytes(example, name).items()}
-        for t, data in tiles.items():
-            path = self.folder / str(t.z) / str(t.x) / f"{t.y}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        _write_mbtiles(self.mbtiles, tiles)
-        cells = _cells()
-        w, n = cells[0].bounds.west, cells[0].bounds.north
-        e, s = cells[-1].bounds.east, cells[-1].bounds.south
-        eps = 1e-7  # inside the outer edges, so no neighbouring cell is touched
-        self.aoi = f"{w + eps},{s + eps},{e - eps},{n - eps}"
-        self.ids = {c.scene_id: name for c, name in zip(cells, LAYOUT)}
-
-    def config(self, tiles, model, **options) -> RunConfig:
-        return RunConfig(aoi=self.aoi, tiles=str(tiles), zoom=ZOOM, scene_tiles=SIZE, model=str(model), **options)
-
-
-@pytest.fixture(scope="session")
-def region(data_root, tmp_path_factory) -> SyntheticRegion:
-    example = data_root / "example"
-    if not example.is_dir():
-        pytest.skip(f"example scenes not found in {example}")
-    return SyntheticRegion(tmp_path_factory.mktemp("region"), example)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(small_data, tmp_path_factory) -> Path:
-    """A texture bundle with a 30-tree booster and threshold 0.5: real features, trained in seconds
-    (the full training picks its threshold on out-of-fold fits, which takes tens of seconds)."""
-    from amber_hunter.cache import embed_files
-    from amber_hunter.classify import Classifier, ModelBundle, ModelMetadata, fit_booster, save_bundle
-    from amber_hunter.dataset import load_dataset
-    from amber_hunter.embed import get_embedder
-
-    dataset = load_dataset([small_data])
-    embedder = get_embedder("texture")
-    features, _ = embed_files(dataset.paths, embedder, tmp_path_factory.mktemp("tiny-cache"))
-    booster = fit_booster(features, dataset.labels, params={"n_estimators": 30})
-    metadata = ModelMetadata(embedder="texture", embedder_version=embedder.version, embedder_params={},
-                             dim=embedder.dim, threshold=0.5, target_precision=0.95)
-    return save_bundle(ModelBundle(metadata, Classifier(booster, None, embedder.dim)), tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="session")
-def folder_run(region, tiny_model, tmp_path_factory) -> Path:
-    """One uninterrupted scan of the folder source: the reference every other run must equal."""
-    run = tmp_path_factory.mktemp("runs") / "folder"
-    scan(region.config(region.folder, tiny_model), run)
-    return run
-
-
-def results(run: Path) -> tuple[list, list]:
-    """Everything a run concluded, in a comparable form, checked for duplicates on the way."""
-    with RunStore(run) as store:
-        scenes = [(s.scene_id, s.status, s.flagged, s.n_positive, s.n_superpixels, s.max_probability and round(s.max_probability, 5))
-                  for s in store.scenes()]
-        regions = [(s[0], r.label, round(r.probability, 5), r.positive, r.polygon is not None)
-                   for s in scenes for r in store.regions(s[0])]
-        table = store.embeddings() if any(s[1] == "done" for s in scenes) else None
-    assert len({s[0] for s in scenes}) == len(scenes)
-    done = [s for s in scenes if s[1] == "done"]
-    assert sum(s[4] for s in done) == len(regions)
-    if table is not None:
-        keys = list(zip(table.column("scene_id").to_pylist(), table.column("label").to_pylist()))
-        assert len(keys) == len(set(keys)) == len(regions)
-    return scenes, regions
+#: Launches the CLI as the installed ``amber-hunter`` script does.
+CLI = "from amber_hunter.cli import main; main()"
 
 
 # --- scenes ------------------------------------------------------------------------------------
@@ -178,7 +58,7 @@ def test_scene_is_stitched_in_row_major_order_with_capture_date(region):
         def get(self, tile):
             return TileResult("ok", super().get(tile).data, dt.date(2015, 3, tile.x % 7 + 1))
 
-    cell = _cells()[0]
+    cell = region_cells()[0]
     scene = load_scene(cell, Dated(region.folder))
     assert scene.status == "ok" and scene.image.shape == (512, 512, 3)
     tile = read_rgb(region.folder / "18" / str(cell.x0 + 1) / f"{cell.y0}.png")
@@ -232,7 +112,7 @@ def test_rerun_resumes_and_counts_nothing_twice(folder_run, region, tiny_model, 
     run = tmp_path / "run"
     config = region.config(region.folder, tiny_model)
     with RunStore(run, config) as store:  # as if a killed run had finished two scenes
-        store.add_scenes(_cells())
+        store.add_scenes(region_cells())
     first = scan(config, run)
     again = scan(config, run)
     assert (first.processed, again.processed) == (len(LAYOUT), 0)
