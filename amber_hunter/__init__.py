@@ -1,6 +1,7 @@
 """amber-hunter: find illegal surface mining in high-resolution map tiles.
 
-The public API is listed in ``__all__``. Names are imported lazily (PEP 562) so that
+The public API is listed in ``__all__``; the stage functions that share their module's name
+(``segment.segment``, ``scan.scan``, ``export.export``) are imported from their modules. Names are imported lazily (PEP 562) so that
 ``import amber_hunter`` and ``amber-hunter --help`` stay instant: TensorFlow, XGBoost and
 scikit-image load only when a function that needs them is called.
 """
@@ -33,6 +34,8 @@ _EXPORTS = {
     "train_model": "workflows",
     "evaluate_protocol": "workflows",
     "evaluate_model": "workflows",
+    "RunConfig": "config",
+    "RunStore": "store",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
