@@ -163,6 +163,8 @@ def evaluate_features(
 ) -> tuple[EvaluationReport, np.ndarray, np.ndarray]:
     """Run one protocol on precomputed features; also return the pooled labels and probabilities
     (for the PR curve)."""
+    if folds < 2:
+        raise ConfigError(f"--folds {folds} must be at least 2")
     if protocol == "seed-split":
         splits = seed_split(names, labels)
     elif protocol == "grouped":
@@ -171,8 +173,6 @@ def evaluate_features(
         splits = spatial_folds(coords, labels, groups, folds)
     else:
         raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if folds < 2:
-        raise ConfigError(f"--folds {folds} must be at least 2")
     probs, predicted, y, rows = cross_validate(features, labels, groups, splits, cnn_columns, target_precision, seed)
     half = compute_metrics(y, probs, (probs >= 0.5).astype(np.int32))
     return (
