@@ -1,8 +1,9 @@
 """Classify stage: XGBoost on embeddings, a precision-first threshold, and the model bundle.
 
 A bundle is a directory: ``xgb.json`` (the booster in XGBoost's own JSON, never pickle, so it
-loads across versions and cannot run code) and ``model.json`` (everything needed to use it right:
-which embedder made its features, the threshold, what it was trained on and how well it did).
+loads across versions and cannot run code), ``linear.json`` (the linear heads on CNN blocks, when
+the embedder has any) and ``model.json`` (everything needed to use it right: which embedder made
+its features, the threshold, what it was trained on and how well it did).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from . import atomic
 from .errors import DatasetError, ModelBundleError
 from .segment import SlicParams
 
-BUNDLE_FORMAT = 1
+#: 2: one linear head per CNN block (``cnn_blocks``) instead of one over all CNN columns.
+BUNDLE_FORMAT = 2
 #: XGBoost settings. Shallow trees with row and column subsampling generalise to unseen areas
 #: better than XGBoost's defaults (spatial-lon ROC AUC 0.85 vs 0.79 on VGG16 features).
 XGB_PARAMS = {
@@ -31,7 +33,7 @@ XGB_PARAMS = {
     "min_child_weight": 2,
     "tree_method": "hist",
 }
-#: Inverse L2 strength of the linear head on CNN activations (chosen on the spatial protocol).
+#: Inverse L2 strength of the linear heads on CNN activations (chosen on the spatial protocol).
 LINEAR_C = 0.01
 #: The study's rule: "high precision is a must" — a false accusation costs more than a missed pit.
 TARGET_PRECISION = 0.95
@@ -57,7 +59,7 @@ class ModelMetadata:
     dim: int
     threshold: float
     target_precision: float
-    cnn_columns: list = field(default_factory=list)
+    cnn_blocks: list = field(default_factory=list)  # column ranges per CNN block, one head each
     slic: dict = field(default_factory=lambda: asdict(SlicParams()))
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -74,13 +76,13 @@ def _column_index(ranges) -> np.ndarray:
 
 @dataclass
 class LinearHead:
-    """Logistic regression on square-rooted, standardised CNN activations.
+    """Logistic regression on the square-rooted, standardised activations of one CNN block.
 
     Trees split one feature at a time and handle thousands of weakly informative CNN channels
     badly in a new area (spatial-lon ROC AUC 0.86 for XGBoost on raw VGG16 features against 0.92
-    for this linear model). So the CNN block is summarised by one linear score, and XGBoost
-    combines that score with the hand-made features. The square root tames the heavy tail of
-    ReLU activations (a few huge max-pooled values would dominate otherwise).
+    for one linear model over them all). So each conv block is summarised by one linear score, and
+    XGBoost combines those scores with the hand-made features. The square root tames the heavy
+    tail of ReLU activations (a few huge max-pooled values would dominate otherwise).
     """
 
     columns: list
@@ -131,18 +133,22 @@ class LinearHead:
 
 @dataclass
 class Classifier:
-    """XGBoost over the hand-made features plus, when there are CNN columns, the linear head's score."""
+    """XGBoost over the hand-made features plus the score of each CNN block's linear head."""
 
     booster: "object"  # xgboost.Booster; typed loosely so importing this module stays cheap
-    head: LinearHead | None
+    heads: list[LinearHead]
     dim: int
 
-    def tree_features(self, features: np.ndarray, head_score: np.ndarray | None = None) -> np.ndarray:
-        if self.head is None:
+    def tree_features(self, features: np.ndarray, head_scores: np.ndarray | None = None) -> np.ndarray:
+        """The booster's input: one column per head (``head_scores``, or scored now), then the
+        non-CNN columns."""
+        if not self.heads:
             return features
-        rest = np.setdiff1d(np.arange(self.dim), _column_index(self.head.columns))
-        score = self.head.score(features) if head_score is None else head_score
-        return np.column_stack([score, features[:, rest]])
+        cnn = np.concatenate([_column_index(h.columns) for h in self.heads])
+        rest = np.setdiff1d(np.arange(self.dim), cnn)
+        if head_scores is None:
+            head_scores = np.column_stack([h.score(features) for h in self.heads])
+        return np.column_stack([head_scores, features[:, rest]])
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         import xgboost as xgb
@@ -177,21 +183,21 @@ def grouped_splits(labels, groups, folds: int, seed: int = 0):
     return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(labels, labels, groups))
 
 
-def fit_classifier(features, labels, groups, cnn_columns=(), seed: int = 0) -> Classifier:
-    """Fit the head (if any) and the booster.
+def fit_classifier(features, labels, groups, cnn_blocks=(), seed: int = 0) -> Classifier:
+    """Fit a head per CNN block (if any), then the booster.
 
-    The booster learns from *out-of-fold* head scores: scores of the head on its own training
-    rows are overconfident, and trees trained on them would trust the head far too much.
+    The booster learns from *out-of-fold* head scores: scores of a head on its own training rows
+    are overconfident, and trees trained on them would trust the heads far too much.
     """
     dim = features.shape[1]
-    if not cnn_columns:
-        return Classifier(fit_booster(features, labels, seed), None, dim)
-    oof = np.zeros(len(labels), np.float32)
+    if not cnn_blocks:
+        return Classifier(fit_booster(features, labels, seed), [], dim)
+    oof = np.zeros((len(labels), len(cnn_blocks)), np.float32)
     for train, test in grouped_splits(labels, groups, 5, seed):
-        oof[test] = LinearHead.fit(features[train], labels[train], cnn_columns).score(features[test])
-    head = LinearHead.fit(features, labels, cnn_columns)
-    partial = Classifier(None, head, dim)
-    return Classifier(fit_booster(partial.tree_features(features, oof), labels, seed), head, dim)
+        for k, block in enumerate(cnn_blocks):
+            oof[test, k] = LinearHead.fit(features[train], labels[train], block).score(features[test])
+    partial = Classifier(None, [LinearHead.fit(features, labels, block) for block in cnn_blocks], dim)
+    return Classifier(fit_booster(partial.tree_features(features, oof), labels, seed), partial.heads, dim)
 
 
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_precision: float) -> ThresholdChoice:
@@ -214,7 +220,7 @@ def fit_with_threshold(
     features,
     labels,
     groups,
-    cnn_columns=(),
+    cnn_blocks=(),
     target_precision: float = TARGET_PRECISION,
     seed: int = 0,
     inner_folds: int = 5,
@@ -226,10 +232,10 @@ def fit_with_threshold(
     """
     probs = np.zeros(len(labels), np.float32)
     for train, test in grouped_splits(labels, groups, inner_folds, seed):
-        clf = fit_classifier(features[train], labels[train], groups[train], cnn_columns, seed)
+        clf = fit_classifier(features[train], labels[train], groups[train], cnn_blocks, seed)
         probs[test] = clf.predict_proba(features[test])
     choice = choose_threshold(labels, probs, target_precision)
-    return fit_classifier(features, labels, groups, cnn_columns, seed), choice
+    return fit_classifier(features, labels, groups, cnn_blocks, seed), choice
 
 
 @dataclass
@@ -288,8 +294,8 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
     path = Path(path)
     with atomic.directory(path) as tmp:
         bundle.classifier.booster.save_model(str(tmp / "xgb.json"))
-        if bundle.classifier.head is not None:
-            atomic.write_json(tmp / "linear.json", bundle.classifier.head.to_json())
+        if bundle.classifier.heads:
+            atomic.write_json(tmp / "linear.json", {"heads": [h.to_json() for h in bundle.classifier.heads]})
         atomic.write_json(tmp / "model.json", asdict(bundle.metadata))
     return path
 
@@ -314,7 +320,11 @@ def load_bundle(path: str | Path) -> ModelBundle:
             )
         metadata = ModelMetadata(**raw)
         SlicParams(**metadata.slic)  # fail here, not at detection time, on a hand-edited model.json
-        head = LinearHead.from_json(json.loads((path / "linear.json").read_text())) if metadata.cnn_columns else None
+        heads = (
+            [LinearHead.from_json(h) for h in json.loads((path / "linear.json").read_text())["heads"]]
+            if metadata.cnn_blocks
+            else []
+        )
     except (json.JSONDecodeError, TypeError, AttributeError, KeyError, FileNotFoundError) as exc:
         raise ModelBundleError(f"{path} is corrupt ({type(exc).__name__}: {exc}); retrain the model") from None
     booster = xgb.Booster()
@@ -322,12 +332,13 @@ def load_bundle(path: str | Path) -> ModelBundle:
         booster.load_model(str(path / "xgb.json"))
     except (xgb.core.XGBoostError, UnicodeDecodeError):  # XGBoost's own message can be undecodable
         raise ModelBundleError(f"{path}/xgb.json is not a readable XGBoost model; retrain the model") from None
-    n_tree = metadata.dim if head is None else metadata.dim - len(_column_index(head.columns)) + 1
+    n_cnn = sum(len(_column_index(h.columns)) for h in heads)
+    n_tree = metadata.dim - n_cnn + len(heads)
     if booster.num_features() != n_tree:
         raise ModelBundleError(
             f"{path}: booster has {booster.num_features()} features, model.json implies {n_tree}; retrain it"
         )
-    return ModelBundle(metadata, Classifier(booster, head, metadata.dim))
+    return ModelBundle(metadata, Classifier(booster, heads, metadata.dim))
 
 
 def now_iso() -> str:

@@ -119,14 +119,14 @@ def spatial_folds(coords, labels, groups, folds: int):
     return [(np.flatnonzero(bands != b), np.flatnonzero(bands == b)) for b in range(folds)]
 
 
-def cross_validate(features, labels, groups, splits, cnn_columns, target_precision: float, seed: int = 0):
+def cross_validate(features, labels, groups, splits, cnn_blocks, target_precision: float, seed: int = 0):
     """Train as ``train`` does on each split; return pooled probabilities, predictions, fold rows."""
     probs = np.full(len(labels), np.nan, np.float32)
     predicted = np.zeros(len(labels), np.int32)
     rows = []
     for k, (train, test) in enumerate(splits):
         clf, choice = fit_with_threshold(
-            features[train], labels[train], groups[train], cnn_columns, target_precision, seed
+            features[train], labels[train], groups[train], cnn_blocks, target_precision, seed
         )
         p = clf.predict_proba(features[test])
         probs[test], predicted[test] = p, (p >= choice.threshold)
@@ -154,7 +154,7 @@ def evaluate_features(
     *,
     protocol: str,
     embedder: str,
-    cnn_columns=(),
+    cnn_blocks=(),
     folds: int = 5,
     coords: np.ndarray | None = None,
     axis: str = "lon",
@@ -173,7 +173,7 @@ def evaluate_features(
         splits = spatial_folds(coords, labels, groups, folds)
     else:
         raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    probs, predicted, y, rows = cross_validate(features, labels, groups, splits, cnn_columns, target_precision, seed)
+    probs, predicted, y, rows = cross_validate(features, labels, groups, splits, cnn_blocks, target_precision, seed)
     half = compute_metrics(y, probs, (probs >= 0.5).astype(np.int32))
     return (
         EvaluationReport(

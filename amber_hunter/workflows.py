@@ -25,7 +25,7 @@ from .classify import (
     save_bundle,
 )
 from .dataset import Dataset, load_dataset
-from .embed import Embedder, cnn_columns, get_embedder
+from .embed import Embedder, cnn_blocks, get_embedder
 from .evaluate import EvaluationReport, compute_metrics, evaluate_features, plot_pr_curve
 from .segment import SlicParams
 
@@ -55,14 +55,14 @@ def train_model(
     dataset = load_dataset(data_dirs, labels_csv)
     embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
     features, hashes = embed_dataset(dataset, embedder, cache_dir, progress)
-    columns = cnn_columns(embedder)
-    classifier, choice = fit_with_threshold(features, dataset.labels, dataset.groups, columns, target_precision, seed)
+    blocks = cnn_blocks(embedder)
+    classifier, choice = fit_with_threshold(features, dataset.labels, dataset.groups, blocks, target_precision, seed)
     metadata = ModelMetadata(
         embedder=embedder.name,
         embedder_version=embedder.version,
         embedder_params=embedder.params,
         dim=embedder.dim,
-        cnn_columns=[list(r) for r in columns],
+        cnn_blocks=[[list(r) for r in block] for block in blocks],
         threshold=choice.threshold,
         target_precision=target_precision,
         slic=asdict(SlicParams()),
@@ -113,7 +113,7 @@ def evaluate_protocol(
         [p.name for p in dataset.paths],
         protocol=protocol,
         embedder=embedder.name,
-        cnn_columns=cnn_columns(embedder),
+        cnn_blocks=cnn_blocks(embedder),
         folds=folds,
         coords=dataset.coordinates(axis) if protocol == "spatial" else None,
         axis=axis,

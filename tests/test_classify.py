@@ -35,7 +35,7 @@ MODEL_KEYS = {
     "dim",
     "threshold",
     "target_precision",
-    "cnn_columns",
+    "cnn_blocks",
     "slic",
     "training",
     "metrics",
@@ -101,7 +101,7 @@ def test_model_json_contents(texture_model, small_data):
     assert meta["embedder"] == "texture" and meta["embedder_version"] == TextureEmbedder.version
     assert meta["dim"] == TextureEmbedder().dim and meta["embedder_params"] == {}
     assert 0.0 < meta["threshold"] < 1.0
-    assert meta["cnn_columns"] == [] and meta["random_weights"] is False
+    assert meta["cnn_blocks"] == [] and meta["random_weights"] is False
     assert meta["format"] == BUNDLE_FORMAT and meta["package_version"] == __version__
     assert meta["created"].startswith("20") and meta["created"].endswith("+00:00")
     assert meta["slic"] == {"n_segments": 30, "compactness": 35.0, "sigma": 1.0}
@@ -148,10 +148,14 @@ def synthetic_stack(n=90, k=40, extra=6, seed=0):
 
 def test_stacked_bundle_round_trip(tmp_path):
     features, labels, groups = synthetic_stack()
-    k = 40
-    clf = fit_classifier(features, labels, groups, cnn_columns=[(0, k)], seed=0)
-    assert clf.head is not None and clf.head.coef.shape == (k,)
-    assert clf.tree_features(features).shape == (len(labels), features.shape[1] - k + 1)
+    k, extra = 40, 6
+    # Two "blocks", each split into two column ranges like VGG16's average- and max-pooled halves.
+    blocks = [[(0, 10), (20, 30)], [(10, 20), (30, 40)]]
+    clf = fit_classifier(features, labels, groups, cnn_blocks=blocks, seed=0)
+    assert [h.coef.shape for h in clf.heads] == [(20,), (20,)]
+    tree = clf.tree_features(features)
+    assert tree.shape == (len(labels), extra + len(blocks))
+    np.testing.assert_array_equal(tree[:, len(blocks) :], features[:, k:])
     meta = ModelMetadata(
         embedder="vgg16+texture",
         embedder_version="1+1",
@@ -159,21 +163,22 @@ def test_stacked_bundle_round_trip(tmp_path):
         dim=features.shape[1],
         threshold=0.5,
         target_precision=0.95,
-        cnn_columns=[[0, k]],
+        cnn_blocks=[[list(r) for r in block] for block in blocks],
     )
     bundle = ModelBundle(meta, clf)
     path = save_bundle(bundle, tmp_path / "stacked")
     assert sorted(p.name for p in path.iterdir()) == ["linear.json", "model.json", "xgb.json"]
     loaded = load_bundle(path)
-    assert loaded.classifier.head is not None
-    np.testing.assert_array_equal(loaded.classifier.head.coef, clf.head.coef)
+    assert len(loaded.classifier.heads) == len(blocks)
+    for got, want in zip(loaded.classifier.heads, clf.heads):
+        np.testing.assert_array_equal(got.coef, want.coef)
     np.testing.assert_array_equal(loaded.predict_proba(features), bundle.predict_proba(features))
     probs = loaded.predict_proba(features)
     assert probs[labels == 1].mean() > probs[labels == 0].mean()
     loaded.check_embedder("vgg16+texture", "1+1")
     with pytest.raises(ModelBundleError):
         loaded.check_embedder("texture")
-    # The head is part of the bundle: without it the bundle is incomplete.
+    # The heads are part of the bundle: without them the bundle is incomplete.
     (path / "linear.json").unlink()
     with pytest.raises(ModelBundleError, match="corrupt"):
         load_bundle(path)
@@ -190,7 +195,8 @@ def test_stacked_bundle_round_trip(tmp_path):
         (lambda b: (b / "model.json").unlink(), "has no model.json"),
         (lambda b: (b / "model.json").write_text("{not json"), "corrupt"),
         (lambda b: (b / "model.json").write_text("[1, 2]"), "corrupt"),
-        (lambda b: (b / "model.json").write_text('{"format": 1}'), "corrupt"),
+        (lambda b: (b / "model.json").write_text(json.dumps({"format": BUNDLE_FORMAT})), "corrupt"),
+        (lambda b: edit_model_json(b, format=1), "format 1, this version reads"),  # one head over all CNN columns
         (lambda b: edit_model_json(b, format=99), "format 99"),
         (lambda b: edit_model_json(b, surprise=1), "corrupt"),
         (lambda b: (b / "xgb.json").write_text("garbage"), "not a readable XGBoost model"),
@@ -205,6 +211,7 @@ def test_stacked_bundle_round_trip(tmp_path):
         "garbage-model-json",
         "list-model-json",
         "bare-model-json",
+        "old-format",
         "future-format",
         "unknown-key",
         "garbage-xgb",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amber_hunter.embed import EMBEDDERS, ConcatEmbedder, Embedder, cnn_columns, get_embedder
+from amber_hunter.embed import EMBEDDERS, ConcatEmbedder, Embedder, cnn_blocks, get_embedder
 from amber_hunter.embed.texture import TextureEmbedder
 from amber_hunter.errors import EmbedderError, WeightsUnavailableError
 from amber_hunter.images import read_rgb
@@ -43,7 +43,7 @@ def test_texture_metadata(texture):
     assert isinstance(texture, Embedder)
     assert texture.name == "texture" and texture.kind == "handmade" and texture.params == {}
     assert len(texture.feature_names) == texture.dim == len(set(texture.feature_names))
-    assert cnn_columns(texture) == []
+    assert cnn_blocks(texture) == []
 
 
 def test_texture_of_no_regions(texture, crop_and_regions):
@@ -95,7 +95,10 @@ def test_get_embedder_vgg16_plus_texture_without_building_the_cnn():
     embedder = get_embedder("vgg16+texture")
     assert isinstance(embedder, ConcatEmbedder)
     assert embedder.dim == 2560 + TextureEmbedder().dim
-    assert cnn_columns(embedder) == [(0, 2560)]
+    blocks = cnn_blocks(embedder)
+    # One group per conv block (3, 4, 5), each holding its average- and max-pooled columns.
+    assert [sum(b - a for a, b in block) for block in blocks] == [512, 1024, 1024]
+    assert sorted(c for block in blocks for a, b in block for c in range(a, b)) == list(range(2560))
     assert embedder.params == {"vgg16": {"input_size": 224, "pooling": "avgmax"}, "texture": {}}
     assert get_embedder("texture+vgg16").parts[1]._model is None  # the CNN is built on first use
     assert get_embedder("vgg16", pooling="avg").dim == 1280
@@ -103,7 +106,7 @@ def test_get_embedder_vgg16_plus_texture_without_building_the_cnn():
 
 def test_get_embedder_passes_resnet_params_per_part():
     embedder = get_embedder("texture+resnet50", resnet50={"weights": "random", "input_size": 32})
-    assert cnn_columns(embedder) == [(embedder.parts[0].dim, embedder.dim)]
+    assert cnn_blocks(embedder) == [[(embedder.parts[0].dim, embedder.dim)]]  # no blocks listed: one head
     assert embedder.parts[1].params == {"input_size": 32, "weights": "random", "seed": 0}
     assert embedder.parts[1].random_weights
 

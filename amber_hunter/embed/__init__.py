@@ -7,7 +7,7 @@ embedder is actually built, so the CLI's ``--help``, ``status`` and ``export`` s
 from __future__ import annotations
 
 from ..errors import EmbedderError
-from .base import ConcatEmbedder, Embedder, cnn_columns
+from .base import ConcatEmbedder, Embedder, cnn_blocks
 
 #: Names accepted by ``--embedder``; a ``+`` joins several, e.g. ``vgg16+texture``.
 EMBEDDERS = ("texture", "vgg16", "resnet50")
@@ -37,4 +37,4 @@ def get_embedder(name: str, **params) -> Embedder:
     raise EmbedderError(f"unknown embedder {name!r}; choose one of {', '.join(EMBEDDERS)} or join them with '+'")
 
 
-__all__ = ["EMBEDDERS", "ConcatEmbedder", "Embedder", "cnn_columns", "get_embedder"]
+__all__ = ["EMBEDDERS", "ConcatEmbedder", "Embedder", "cnn_blocks", "get_embedder"]

@@ -57,12 +57,18 @@ def empty(dim: int) -> np.ndarray:
     return np.zeros((0, dim), np.float32)
 
 
-def cnn_columns(embedder: Embedder) -> list[tuple[int, int]]:
-    """Column ranges ``[start, stop)`` of an embedder's output that hold CNN activations."""
+def cnn_blocks(embedder: Embedder) -> list[list[tuple[int, int]]]:
+    """The CNN activations of an embedder's output, as one group of column ranges ``[start, stop)``
+    per conv block; the classifier fits one linear head per group.
+
+    A CNN part lists its blocks in ``blocks`` (ranges relative to its own output); a part
+    without it is one block.
+    """
     parts = getattr(embedder, "parts", [embedder])
-    ranges, start = [], 0
+    groups, start = [], 0
     for p in parts:
         if p.kind == "cnn":
-            ranges.append((start, start + p.dim))
+            blocks = getattr(p, "blocks", None) or [[(0, p.dim)]]
+            groups += [[(start + a, start + b) for a, b in block] for block in blocks]
         start += p.dim
-    return ranges
+    return groups

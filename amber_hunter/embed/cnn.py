@@ -6,6 +6,7 @@ and most commands never need it.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -89,6 +90,21 @@ class Vgg16Embedder(CnnEmbedder):
     @property
     def params(self) -> dict:
         return {"input_size": self.input_size, "pooling": self.pooling}
+
+    @property
+    def blocks(self) -> list[list[tuple[int, int]]]:
+        """Columns of each conv block (its average- and max-pooled parts).
+
+        The classifier fits one linear head per block rather than one over all 2560 columns: the
+        pits live in block 3 and the land cover in block 5, and trees combining the separate
+        scores beat a single score (grouped ROC AUC 0.983 vs 0.979, spatial-lon 0.929 vs 0.918).
+        """
+        edges = np.cumsum((0,) + self.BLOCK_DIMS)
+        n_pooled = 2 if self.pooling == "avgmax" else 1
+        return [
+            [(int(a + k * edges[-1]), int(b + k * edges[-1])) for k in range(n_pooled)]
+            for a, b in itertools.pairwise(edges)
+        ]
 
     def _build(self):
         keras = _import_keras()
