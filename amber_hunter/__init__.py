@@ -38,7 +38,33 @@ _EXPORTS = {
     "RunStore": "store",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+#: Written out, not derived from _EXPORTS, so that editors and type checkers can see it.
+__all__ = [
+    "AmberHunterError",
+    "Dataset",
+    "Detector",
+    "Embedder",
+    "EvaluationReport",
+    "ModelBundle",
+    "ModelMetadata",
+    "Region",
+    "RunConfig",
+    "RunStore",
+    "Sample",
+    "SceneResult",
+    "Segmentation",
+    "SlicParams",
+    "__version__",
+    "evaluate_model",
+    "evaluate_protocol",
+    "get_embedder",
+    "load_bundle",
+    "load_dataset",
+    "overlay",
+    "read_rgb",
+    "save_bundle",
+    "train_model",
+]
 
 
 def __getattr__(name: str):

@@ -10,8 +10,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # mkstemp/mkdtemp create private (0600/0700) files; outputs should get the usual permissions.
 _UMASK = os.umask(0)

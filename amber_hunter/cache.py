@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa

@@ -96,7 +96,7 @@ class LinearHead:
         return np.sqrt(np.maximum(features[:, _column_index(columns)], 0.0))
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, columns, c: float = LINEAR_C) -> "LinearHead":
+    def fit(cls, features: np.ndarray, labels: np.ndarray, columns, c: float = LINEAR_C) -> LinearHead:
         from sklearn.linear_model import LogisticRegression
 
         z = cls._prepare(features, columns)
@@ -126,8 +126,8 @@ class LinearHead:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "LinearHead":
-        arr = lambda k: np.asarray(d[k], np.float32)  # noqa: E731
+    def from_json(cls, d: dict) -> LinearHead:
+        arr = lambda k: np.asarray(d[k], np.float32)
         return cls(d["columns"], arr("mean"), arr("scale"), arr("coef"), float(d["intercept"]))
 
 
@@ -135,7 +135,7 @@ class LinearHead:
 class Classifier:
     """XGBoost over the hand-made features plus the score of each CNN block's linear head."""
 
-    booster: "object"  # xgboost.Booster; typed loosely so importing this module stays cheap
+    booster: object  # xgboost.Booster; typed loosely so importing this module stays cheap
     heads: list[LinearHead]
     dim: int
 

@@ -253,7 +253,7 @@ def data_fetch(name, dest, base_url):
     click.echo(f"texty-amber dataset in {path}{hint}")
 
 
-from .cli_scan import export, scan, status  # noqa: E402 - only click is imported at module level
+from .cli_scan import export, scan, status
 
 for _command in (scan, status, export):
     main.add_command(_command)

@@ -27,8 +27,9 @@ import click
 @click.option("--date-header", default=None, help="Response header carrying the imagery capture date.")
 @click.option("--tile-cache", type=click.Path(file_okay=False), default=None, help="Tile cache (default: RUN_DIR/tiles-cache).")
 @click.option("--force", is_flag=True, help="Resume even though result-deciding settings changed.")
+@click.option("--retry-failed", is_flag=True, help="Also redo the scenes that failed in earlier sessions.")
 def scan(aoi, tiles, run_dir, zoom, scene_tiles, model, workers, min_positive, max_rps, api_key_env, date_header,
-         tile_cache, force):
+         tile_cache, force, retry_failed):
     """Scan an area tile by tile for mining; rerun the same command to resume."""
     from tqdm import tqdm
 
@@ -38,11 +39,14 @@ def scan(aoi, tiles, run_dir, zoom, scene_tiles, model, workers, min_positive, m
     config = RunConfig(aoi=aoi, tiles=tiles, zoom=zoom, scene_tiles=scene_tiles, model=model, min_positive=min_positive,
                        workers=workers, max_rps=max_rps, api_key_env=api_key_env, date_header=date_header,
                        tile_cache=tile_cache)
-    summary = run_scan(config, run_dir, force=force, progress=lambda total: tqdm(
+    summary = run_scan(config, run_dir, force=force, retry_failed=retry_failed, progress=lambda total: tqdm(
         total=total, unit="scene", desc="scanning", file=sys.stderr, disable=None, smoothing=0.1))
     s = summary.status
     click.echo(f"{run_dir}: {summary.processed} scenes this run; {s.done} done, {s.failed} failed, "
                f"{s.no_imagery} without imagery, {s.skipped} skipped, {s.pending} pending; {s.flagged} flagged")
+    if s.failed:
+        click.echo(f"{s.failed} scenes failed (reasons in {run_dir}/log.txt); "
+                   "rerun with --retry-failed to try them again", err=True)
     if summary.interrupted:
         click.echo(f"interrupted: rerun the same command to resume {run_dir}", err=True)
         sys.exit(130)

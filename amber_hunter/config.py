@@ -106,7 +106,7 @@ class RunConfig:
         d = self.to_json()
         return {name: d[name] for name in FINGERPRINT_FIELDS}
 
-    def differences(self, other: "RunConfig") -> list[str]:
+    def differences(self, other: RunConfig) -> list[str]:
         """Names of the result-deciding settings in which ``other`` differs from this config."""
         mine, theirs = self.fingerprint(), other.fingerprint()
         return [name for name in FINGERPRINT_FIELDS if mine[name] != theirs[name]]
@@ -116,7 +116,7 @@ class RunConfig:
         return {"format": CONFIG_FORMAT, **d, "area": _area_to_json(self.area)}
 
     @classmethod
-    def from_json(cls, d: dict) -> "RunConfig":
+    def from_json(cls, d: dict) -> RunConfig:
         """The config stored by :meth:`to_json`; the area is taken as stored, not re-read."""
         if d.get("format") != CONFIG_FORMAT:
             raise ConfigError(f"run config format {d.get('format')!r} is not {CONFIG_FORMAT}; start a new run directory")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -75,7 +75,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray
         roc_auc=float(roc_auc_score(labels, probs)) if both else float("nan"),
         pr_auc=float(average_precision_score(labels, probs)) if both else float("nan"),
         confusion=confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
-        n=int(len(labels)),
+        n=len(labels),
         n_positive=int(labels.sum()),
     )
 
@@ -134,7 +134,7 @@ def cross_validate(features, labels, groups, splits, cnn_blocks, target_precisio
         rows.append(
             {
                 "fold": k,
-                "n_test": int(len(test)),
+                "n_test": len(test),
                 "threshold": choice.threshold,
                 "roc_auc": fold.roc_auc,
                 "f1": fold.f1,

@@ -22,9 +22,10 @@ import threading
 import time
 import urllib.parse
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import mercantile
 import requests
@@ -138,8 +139,8 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> floa
         except (TypeError, ValueError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
-        seconds = (when - (now or dt.datetime.now(dt.timezone.utc))).total_seconds()
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 

@@ -16,10 +16,11 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -205,9 +206,13 @@ def scan(
     run_dir: str | Path,
     *,
     force: bool = False,
+    retry_failed: bool = False,
     progress: Callable[[int], Progress] | None = None,
 ) -> ScanSummary:
     """Scan ``config.area`` into ``run_dir``, resuming whatever an earlier call left pending.
+
+    Scenes that failed in an earlier session are done again only with ``retry_failed``, so that a
+    plain resume never hammers a source that refuses some tiles for good.
 
     ``progress`` is called once with the number of pending scenes and must return something with
     ``update()`` and ``close()`` (e.g. ``lambda total: tqdm(total=total, unit="scene")``).
@@ -223,6 +228,8 @@ def scan(
         with open_tiles(config, store) as source, _stop_request() as stop:
             source.check_zoom(config.zoom)
             store.add_scenes(scene_grid(config.area, config.zoom, config.scene_tiles))
+            if retry_failed:
+                log.info("requeued %d failed scenes", store.retry_failed())
             total = store.status().pending
             log.info("scan %s: %d scenes pending, tiles from %s, model %s", store.run_dir, total, source.describe(),
                      config.model or "default")

@@ -26,9 +26,10 @@ import io
 import json
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -207,7 +208,7 @@ class RunStore:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> RunStore:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -247,6 +248,18 @@ class RunStore:
             self._db.executemany(
                 "INSERT OR IGNORE INTO scenes (scene_id, status) VALUES (?, 'pending')", ((c.scene_id,) for c in cells)
             )
+
+    def retry_failed(self) -> int:
+        """Put the scenes that failed (an outage, a rate limit that outlasted the retries) back in
+        the queue; scenes without imagery or skipped as unusable stay as they are, since fetching
+        them again would give the same answer. Returns how many were requeued."""
+        with self._guard("requeue failed scenes"), self._db:
+            n = self._db.execute(
+                "UPDATE scenes SET status = 'pending', error = NULL, updated_at = ? WHERE status = 'failed'", (time.time(),)
+            ).rowcount
+            if n:
+                self._event("retry-failed", message=f"{n} failed scenes requeued")
+        return n
 
     def pending(self) -> Iterator[str]:
         """Scene ids still to do, in registration (grid) order, read a page at a time so memory

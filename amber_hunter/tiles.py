@@ -10,8 +10,8 @@ are stitched into one image because the study segmented ~1000 px scenes, not sin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass
-from typing import Iterator, Mapping, Sequence
 
 import mercantile
 import numpy as np

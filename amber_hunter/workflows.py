@@ -5,9 +5,9 @@ The CLI only parses options and prints; notebooks and scripts call these same fu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -111,7 +111,7 @@ def tiny_model(small_data, tmp_path_factory) -> Path:
     booster = fit_booster(features, dataset.labels, params={"n_estimators": 30})
     metadata = ModelMetadata(embedder="texture", embedder_version=embedder.version, embedder_params={},
                              dim=embedder.dim, threshold=0.5, target_precision=0.95)
-    return save_bundle(ModelBundle(metadata, Classifier(booster, None, embedder.dim)), tmp_path_factory.mktemp("tiny") / "model")
+    return save_bundle(ModelBundle(metadata, Classifier(booster, [], embedder.dim)), tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,13 @@ def test_help_does_not_import_tensorflow(tmp_path):
     assert "Usage:" in done.stdout and "train" in done.stdout and "--embedder" in done.stdout
 
 
+def test_public_api_matches_the_lazy_import_table():
+    import amber_hunter
+
+    assert set(amber_hunter.__all__) == set(amber_hunter._EXPORTS) | {"__version__"}
+    assert all(getattr(amber_hunter, name) is not None for name in amber_hunter.__all__)
+
+
 def test_suite_is_offline():
     import socket
 

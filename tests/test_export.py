@@ -25,7 +25,7 @@ def _flagged(run):
 
 
 def test_export_writes_detections_summary_and_map(folder_run, tmp_path):
-    paths, summary = export(folder_run, tmp_path / "out")
+    paths, _ = export(folder_run, tmp_path / "out")
     flagged = _flagged(folder_run)
     geo = json.loads(paths.detections.read_text())
     kinds = [f["properties"]["kind"] for f in geo["features"]]

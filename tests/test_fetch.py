@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mercantile
 import pytest
+from tile_servers import Fault, png_bytes, tile_server, write_tile_folder
 
 from amber_hunter.errors import ConfigError, TileSourceError
 from amber_hunter.fetch import (
@@ -25,7 +26,6 @@ from amber_hunter.fetch import (
     parse_retry_after,
 )
 from amber_hunter.images import decode_rgb
-from tile_servers import Fault, png_bytes, tile_server, write_tile_folder
 
 TILES = [mercantile.Tile(x, y, 5) for x in (17, 18) for y in (10, 11)]
 SECRET = "s3cr3t/key+42"
@@ -153,7 +153,7 @@ def test_retry_after_is_honoured(tile_dir):
 
 
 def test_parse_retry_after():
-    now = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
     assert parse_retry_after("3", now) == 3.0
     assert parse_retry_after("Wed, 01 May 2024 12:00:30 GMT", now) == 30.0
     assert parse_retry_after("Wed, 01 May 2024 11:00:00 GMT", now) == 0.0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scan_fixtures import EXPECTED, LAYOUT, SIZE, ZOOM, region_cells, results
+from tile_servers import Fault, tile_server
 
 from amber_hunter.errors import RunStoreError
 from amber_hunter.images import read_rgb
@@ -25,8 +27,6 @@ from amber_hunter.scenes import load_scene
 from amber_hunter.segment import Region
 from amber_hunter.store import RunStore
 from amber_hunter.tiles import SceneCell
-from scan_fixtures import EXPECTED, LAYOUT, SIZE, ZOOM, region_cells, results
-from tile_servers import Fault, tile_server
 
 #: Launches the CLI as the installed ``amber-hunter`` script does.
 CLI = "from amber_hunter.cli import main; main()"
@@ -93,7 +93,7 @@ def test_mbtiles_source_gives_the_same_results(folder_run, region, tiny_model, t
 @pytest.mark.parametrize("fault", [Fault("status", status=500), Fault("status", status=429, retry_after="0")],
                          ids=["500", "429"])
 def test_a_server_failing_half_the_time_gives_the_same_results(fault, folder_run, region, tiny_model, tmp_path, monkeypatch):
-    import amber_hunter.fetch as fetch
+    from amber_hunter import fetch
 
     with tile_server(region.folder, fault=fault) as server:
         config = region.config(server.url + "/{z}/{x}/{y}.png", tiny_model, workers=2)
@@ -103,6 +103,32 @@ def test_a_server_failing_half_the_time_gives_the_same_results(fault, folder_run
     assert results(tmp_path / "run") == results(folder_run)
     assert max(server.hits.values()) == 2  # every tile failed once, then came through, and only once: cached
     assert list((tmp_path / "run" / "tiles-cache" / "18").iterdir())
+
+
+def test_scenes_failed_in_an_outage_are_redone_only_with_retry_failed(folder_run, region, tiny_model, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from amber_hunter import fetch
+    from amber_hunter.cli import main
+
+    monkeypatch.setattr(fetch.HttpTileSource, "_backoff", lambda self, attempt: 0.01)
+    run = tmp_path / "run"
+    with tile_server(region.folder, fault=Fault("status", status=503, failures=None)) as server:
+        args = ["scan", "--aoi", region.aoi, "--tiles", server.url + "/{z}/{x}/{y}.png", "--run", str(run),
+                "--zoom", str(ZOOM), "--scene-tiles", str(SIZE), "--model", str(tiny_model)]
+        down = CliRunner().invoke(main, args)
+        assert down.exit_code == 0, down.output
+        with RunStore(run) as store:
+            n_failed = store.status().failed
+        assert n_failed > 0 and "--retry-failed" in down.output
+        server.fault = None  # the outage is over
+        plain = CliRunner().invoke(main, args)
+        assert plain.exit_code == 0 and "0 scenes this run" in plain.output, plain.output
+        retried = CliRunner().invoke(main, [*args, "--retry-failed"])
+        assert retried.exit_code == 0, retried.output
+        assert f"{n_failed} scenes this run" in retried.output  # the bad tiles fail again, the rest are done
+    assert results(run) == results(folder_run)
+    assert f"requeued {n_failed} failed scenes" in (run / "log.txt").read_text()
 
 
 # --- resume ------------------------------------------------------------------------------------
@@ -169,7 +195,7 @@ def test_an_interrupted_scan_resumes_to_the_same_results(how, folder_run, region
         assert proc.returncode == (-signal.SIGKILL if how == "kill -9" else 130), err.decode()
         with RunStore(run) as store:
             assert 0 < store.status().done and store.status().pending > 0
-        rerun = subprocess.run(_cli(*args), capture_output=True, timeout=120)
+        rerun = subprocess.run(_cli(*args), capture_output=True, timeout=120, check=False)
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert results(run) == results(folder_run)
     if how == "ctrl-c":

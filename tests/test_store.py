@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -90,6 +91,24 @@ def test_scenes_are_recorded_once_and_resume_skips_them(tmp_path, config):
         assert store.embeddings().num_rows == 2
         assert [x.error for x in store.scenes() if x.status == "failed"] == ["tile 1/2/3: HTTP 403"]
     assert (run / "config.json").is_file() and (run / "scenes").is_dir()
+
+
+def test_retry_failed_requeues_only_failed_scenes(tmp_path, config):
+    with RunStore(tmp_path / "run", config) as store:
+        store.add_scenes(CELLS)
+        store.record(done(CELLS[0].scene_id))
+        store.record(SceneRecord(CELLS[1].scene_id, "failed", BOX, error="tile 1/2/3: HTTP 503"))
+        store.record(SceneRecord(CELLS[2].scene_id, "no-imagery", BOX, error="no imagery"))
+        assert list(store.pending()) == []
+        assert store.retry_failed() == 1
+        assert list(store.pending()) == [CELLS[1].scene_id]
+        assert store.retry_failed() == 0  # nothing left to requeue; no second event
+        s = store.status()
+        assert (s.done, s.failed, s.no_imagery, s.pending) == (1, 0, 1, 1)
+        assert [x.error for x in store.scenes() if x.scene_id == CELLS[1].scene_id] == [None]
+    db = sqlite3.connect(tmp_path / "run" / "run.sqlite")
+    assert db.execute("SELECT message FROM events WHERE kind = 'retry-failed'").fetchall() == [("1 failed scenes requeued",)]
+    db.close()
 
 
 def test_a_changed_config_is_refused_naming_the_fields(tmp_path, config):

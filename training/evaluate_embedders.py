@@ -53,8 +53,10 @@ def run(data: Path, embedders: list[str], out: Path, target_precision: float) ->
 def table(results: dict, embedders: list[str], bench: dict) -> str:
     """The README table: one row per embedder."""
     lines = [
-        "| embedder | grouped F1 | grouped precision | grouped recall | grouped ROC AUC "
-        "| spatial-lon ROC AUC | spatial-lon F1 | spatial-lat ROC AUC | spatial-lat F1 | s/scene |",
+        (
+            "| embedder | grouped F1 | grouped precision | grouped recall | grouped ROC AUC "
+            "| spatial-lon ROC AUC | spatial-lon F1 | spatial-lat ROC AUC | spatial-lat F1 | s/scene |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in embedders:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -171,7 +171,7 @@ class ResNet50Embedder(CnnEmbedder):
             return keras.applications.ResNet50(
                 include_top=False, weights=self.weights, input_shape=shape, pooling="avg"
             )
-        except Exception as exc:  # Keras raises a bare Exception on a failed download
+        except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception on a failed download
             if self.weights != "imagenet":
                 raise EmbedderError(f"cannot load ResNet50 weights from {self.weights}: {exc}") from None
             raise WeightsUnavailableError(

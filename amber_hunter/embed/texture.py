@@ -25,7 +25,8 @@ pixels at the bbox edge, where the scene's filters also see the neighbours).
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -248,7 +249,7 @@ def _blob_scales(lum: np.ndarray) -> tuple[list[np.ndarray], list[_BlobScale]]:
     """
     level = ndimage.gaussian_filter(lum, BLOB_SIGMAS[0], truncate=3.0)
     levels, scales, step = [level], [], 1
-    for sigma, wider in zip(BLOB_SIGMAS, BLOB_SIGMAS[1:]):
+    for sigma, wider in itertools.pairwise(BLOB_SIGMAS):
         if step == 1 and sigma >= DECIMATE_SIGMA:
             level, step = level[::2, ::2], 2
         nxt = ndimage.gaussian_filter(level, np.sqrt(wider**2 - sigma**2) / step, truncate=3.0)
