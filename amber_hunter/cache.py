@@ -50,7 +50,6 @@ class EmbeddingCache:
     """All cached vectors of one embedder, loaded into memory on open (a few MB per thousand crops)."""
 
     def __init__(self, root: str | Path, embedder: Embedder):
-        self.embedder = embedder
         key = embedder_key(embedder)
         self.dir = Path(root) / "embeddings" / hashlib.sha256(key.encode()).hexdigest()[:16]
         self.key = key
@@ -79,8 +78,9 @@ class EmbeddingCache:
         """Write pending vectors as one new shard."""
         if not self._pending:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(self.dir / "embedder.json", {"key": self.key})
+        if not self.dir.is_dir():  # the key is written with the first shard, not again with every one
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.dir / "embedder.json", {"key": self.key})
         table = pa.table(
             {
                 "hash": list(self._pending),

@@ -259,6 +259,19 @@ class ModelBundle:
     def slic_params(self) -> SlicParams:
         return SlicParams(**self.metadata.slic)
 
+    def build_embedder(self):
+        """The embedder whose features this model scores, rebuilt from ``model.json`` and checked
+        against it (a newer embedder version would hand it features it never saw)."""
+        from .embed import get_embedder
+
+        m = self.metadata
+        try:
+            embedder = get_embedder(m.embedder, **m.embedder_params)
+        except TypeError as exc:  # a hand-edited model.json with unknown embedder options
+            raise ModelBundleError(f"model.json's embedder_params do not fit {m.embedder} ({exc}); retrain") from None
+        self.check_embedder(embedder.name, embedder.version)
+        return embedder
+
     def check_embedder(self, name: str, version: str | None = None) -> None:
         """Refuse to score features from another embedder: the numbers would mean nothing."""
         m = self.metadata

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import AreaError, ConfigError
-from .tiles import MAX_ZOOM, Area, Bounds, parse_bbox, parse_geojson
+from .tiles import Area, Bounds, check_scene_tiles, check_zoom, parse_bbox, parse_geojson
 
 #: Settings that decide the results; a resume with other values is refused unless forced.
 FINGERPRINT_FIELDS = ("area", "zoom", "scene_tiles", "tiles", "model", "min_positive", "date_header")
@@ -43,7 +43,7 @@ def _absolute(spec: str | None) -> str | None:
 
 
 def _area_to_json(area: Area) -> dict:
-    return {"bounds": list(asdict(area.bounds).values()), "polygons": [[list(map(list, ring)) for ring in p] for p in area.polygons]}
+    return {"bounds": list(asdict(area.bounds).values()), "polygons": area.polygon_coordinates()}
 
 
 def _area_from_json(d: dict) -> Area:
@@ -83,11 +83,8 @@ class RunConfig:
         set_("tiles", _absolute(str(self.tiles)))
         set_("model", None if self.model is None else _absolute(str(self.model)))
         set_("tile_cache", _absolute(self.tile_cache))
-        if isinstance(self.zoom, bool) or not isinstance(self.zoom, int) or not 0 <= self.zoom <= MAX_ZOOM:
-            raise ConfigError(f"zoom {self.zoom!r} is not a whole number from 0 to {MAX_ZOOM}; use e.g. --zoom 18")
-        st = self.scene_tiles
-        if isinstance(st, bool) or not isinstance(st, int) or st < 1 or st & (st - 1) or st > 2**self.zoom:
-            raise ConfigError(f"scene_tiles={st!r} must be a power of two up to {2**self.zoom} at zoom {self.zoom}; use e.g. 4")
+        check_zoom(self.zoom, "use e.g. --zoom 18")
+        check_scene_tiles(self.scene_tiles, self.zoom, "use e.g. --scene-tiles 4")
         if isinstance(self.min_positive, bool) or not isinstance(self.min_positive, int) or self.min_positive < 0:
             raise ConfigError(f"min_positive={self.min_positive!r} must be a whole number >= 0; use e.g. --min-positive 2")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 64:

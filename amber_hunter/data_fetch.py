@@ -55,10 +55,6 @@ class Manifest:
     source: str
     files: tuple[ManifestEntry, ...]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(entry.size for entry in self.files)
-
 
 class _Transient(Exception):
     """A failed attempt that a retry may cure (dropped connection, timeout, 429, 5xx)."""

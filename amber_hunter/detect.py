@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .classify import ModelBundle, load_bundle, resolve_model
-from .embed import Embedder, get_embedder
+from .embed import Embedder
 from .errors import ModelBundleError
 from .segment import Segmentation, segment
 
@@ -84,13 +84,7 @@ class Detector:
             )
         self.bundle = bundle
         self.min_positive = min_positive
-        try:
-            self.embedder: Embedder = get_embedder(meta.embedder, **meta.embedder_params)
-        except TypeError as exc:  # a hand-edited model.json with unknown embedder options
-            raise ModelBundleError(
-                f"model.json's embedder_params do not fit {meta.embedder} ({exc}); retrain"
-            ) from None
-        bundle.check_embedder(self.embedder.name, self.embedder.version)
+        self.embedder: Embedder = bundle.build_embedder()
 
     @classmethod
     def load(cls, model: str | Path | None = None, **options) -> Detector:

@@ -80,6 +80,12 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray
     )
 
 
+def at_half(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Precision, recall and F1 at threshold 0.5, as the study reported them."""
+    m = compute_metrics(labels, probs, (probs >= 0.5).astype(np.int32))
+    return {"precision": m.precision, "recall": m.recall, "f1": m.f1}
+
+
 def seed_split(names: list[str], labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """The study's split: 70/30 with random_state=43, positives then negatives, each by file name."""
     from sklearn.model_selection import train_test_split
@@ -174,13 +180,12 @@ def evaluate_features(
     else:
         raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     probs, predicted, y, rows = cross_validate(features, labels, groups, splits, cnn_blocks, target_precision, seed)
-    half = compute_metrics(y, probs, (probs >= 0.5).astype(np.int32))
     return (
         EvaluationReport(
             protocol=protocol,
             embedder=embedder,
             metrics=compute_metrics(y, probs, predicted),
-            at_half={"precision": half.precision, "recall": half.recall, "f1": half.f1},
+            at_half=at_half(y, probs),
             folds=rows,
             target_precision=target_precision,
             axis=axis if protocol == "spatial" else None,

@@ -218,7 +218,7 @@ def _layer_features(features: list[dict], kind: str) -> list[dict]:
 
 
 def _area_feature(area: Area) -> dict:
-    polygons = [[list(map(list, ring)) for ring in polygon] for polygon in area.polygons]
+    polygons = area.polygon_coordinates()
     geometry = {"type": "MultiPolygon", "coordinates": polygons} if polygons else _rectangle(area.bounds)
     return {"type": "Feature", "geometry": geometry, "properties": {"style": _STYLES["area"]}}
 

@@ -297,7 +297,9 @@ class HttpTileSource(TileSource):
             return None
         host = urllib.parse.urlsplit(url).netloc
         with self._limiters_lock:
-            return self._limiters.setdefault(host, _RateLimiter(self._max_rps))
+            if host not in self._limiters:
+                self._limiters[host] = _RateLimiter(self._max_rps)
+            return self._limiters[host]
 
     def _backoff(self, attempt: int) -> float:
         return min(self.max_delay, self.base_delay * 2**attempt) * (1.0 + 0.1 * random.random())

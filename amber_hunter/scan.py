@@ -108,13 +108,15 @@ def analyse(scene: Scene, detector) -> SceneRecord:
 
     if scene.status != "ok":
         return SceneRecord(scene.scene_id, scene.status, scene.bounds, error=scene.reason, capture_date=scene.capture_date)
+    m_per_px = scene.m_per_px
     try:
-        detection = detector.run(scene.image, scene.m_per_px)
+        detection = detector.run(scene.image, m_per_px)
     except AmberHunterError as exc:
         return SceneRecord(scene.scene_id, "failed", scene.bounds, error=str(exc), capture_date=scene.capture_date)
     result, seg = detection.result, detection.segmentation
+    positive = set(result.positive_labels)  # aggregate's decision, not a second one on rounded values
     regions = tuple(
-        _region_record(region, p, p >= result.threshold, scene.cell, scene.m_per_px)
+        _region_record(region, p, region.label in positive, scene.cell, m_per_px)
         for region, p in zip(seg.regions, result.probabilities)
     )
     return SceneRecord(

@@ -43,8 +43,6 @@ if TYPE_CHECKING:  # detect pulls in scikit-image; status and export do not need
     from .detect import SceneResult
 
 StoredStatus = Literal["pending", "done", "failed", "no-imagery", "skipped"]
-#: Statuses a scan does not revisit on resume.
-FINISHED = ("done", "failed", "no-imagery", "skipped")
 _PAGE = 1000
 
 _SCHEMA = """

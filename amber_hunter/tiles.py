@@ -57,6 +57,10 @@ class Area:
     bounds: Bounds
     polygons: tuple[Polygon, ...] = ()
 
+    def polygon_coordinates(self) -> list:
+        """The polygons as GeoJSON MultiPolygon coordinates (nested lists of [lon, lat])."""
+        return [[list(map(list, ring)) for ring in polygon] for polygon in self.polygons]
+
 
 @dataclass(frozen=True)
 class SceneCell:
@@ -234,7 +238,7 @@ def flip_y(tile: mercantile.Tile) -> int:
 
 def ground_resolution(lat: float, zoom: int, tile_size: int = 256) -> float:
     """Metres per pixel at latitude ``lat``: Mercator stretches the map by ``1 / cos(lat)``."""
-    _check_zoom(zoom)
+    check_zoom(zoom)
     _check_lonlat(0.0, lat, "latitude")
     return _M_PER_PX_Z0 * 256 / tile_size * math.cos(math.radians(lat)) / 2**zoom
 
@@ -248,7 +252,7 @@ def tiles_covering(area: Area | str | Sequence[float] | Mapping, zoom: int) -> l
     polygons of a MultiPolygon are left out too.
     """
     area = parse_area(area)
-    _check_zoom(zoom)
+    check_zoom(zoom)
     if area.polygons:
         tiles = _polygon_cover(area.polygons, zoom)
     else:
@@ -270,22 +274,26 @@ def scene_grid(
     is in the cover at ``zoom``. Arguments are checked here, before the first cell is asked for.
     """
     area = parse_area(area)
-    _check_zoom(zoom)
-    if not (isinstance(scene_tiles, int) and scene_tiles >= 1 and scene_tiles & (scene_tiles - 1) == 0) or (
-        scene_tiles > 2**zoom
-    ):
-        raise ConfigError(
-            f"scene_tiles={scene_tiles!r} must be a power of two no larger than {2**zoom} at zoom {zoom}; "
-            "use e.g. 4 (1024 px scenes from 256 px tiles)"
-        )
+    check_scene_tiles(scene_tiles, zoom)
     k = scene_tiles.bit_length() - 1
     cells = tiles_covering(area, zoom - k)
     return (SceneCell(zoom, t.x << k, t.y << k, scene_tiles) for t in cells)
 
 
-def _check_zoom(zoom: int) -> None:
+def check_zoom(zoom: int, example: str = "e.g. 18 for ~0.5 m/px") -> None:
+    """A zoom level is a whole number from 0 to MAX_ZOOM; ``example`` ends the error message
+    (the run config names its CLI option there)."""
     if isinstance(zoom, bool) or not isinstance(zoom, int) or not 0 <= zoom <= MAX_ZOOM:
-        raise ConfigError(f"zoom {zoom!r} is not a whole number from 0 to {MAX_ZOOM}; e.g. 18 for ~0.5 m/px")
+        raise ConfigError(f"zoom {zoom!r} is not a whole number from 0 to {MAX_ZOOM}; {example}")
+
+
+def check_scene_tiles(scene_tiles: int, zoom: int, example: str = "use e.g. 4 (1024 px scenes from 256 px tiles)") -> None:
+    """A scene is an aligned block of ``2**k x 2**k`` tiles, so its side is a power of two that
+    fits in the world at ``zoom``."""
+    check_zoom(zoom)
+    st = scene_tiles
+    if isinstance(st, bool) or not isinstance(st, int) or st < 1 or st & (st - 1) or st > 2**zoom:
+        raise ConfigError(f"scene_tiles={st!r} must be a power of two no larger than {2**zoom} at zoom {zoom}; {example}")
 
 
 # --- polygon cover -----------------------------------------------------------------------------

@@ -6,7 +6,6 @@ The CLI only parses options and prints; notebooks and scripts call these same fu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +23,18 @@ from .classify import (
     resolve_model,
     save_bundle,
 )
-from .dataset import Dataset, load_dataset
+from .dataset import load_dataset
 from .embed import Embedder, cnn_blocks, get_embedder
-from .evaluate import EvaluationReport, compute_metrics, evaluate_features, plot_pr_curve
-from .segment import SlicParams
+from .evaluate import EvaluationReport, at_half, compute_metrics, evaluate_features, plot_pr_curve
 
 
-def embed_dataset(dataset: Dataset, embedder: Embedder, cache_dir=None, progress: Callable | None = None):
-    """Embeddings of every sample (through the content-hash cache) and the image hashes."""
-    return embed_files(dataset.paths, embedder, cache_dir, progress)
-
-
-def _uses_random_weights(embedder: Embedder) -> bool:
-    parts = getattr(embedder, "parts", [embedder])
-    return any(getattr(p, "random_weights", False) for p in parts)
+def _embedded_dataset(data_dirs, labels_csv, embedder: str | Embedder, cache_dir, progress):
+    """The labelled crops, the embedder (built if named) and every crop's embedding, through the
+    content-hash cache, with the image hashes."""
+    dataset = load_dataset(data_dirs, labels_csv)
+    embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
+    features, hashes = embed_files(dataset.paths, embedder, cache_dir, progress)
+    return dataset, embedder, features, hashes
 
 
 def train_model(
@@ -52,9 +49,7 @@ def train_model(
     progress: Callable | None = None,
 ) -> ModelBundle:
     """Train a bundle on labelled folders and write it atomically to ``out``."""
-    dataset = load_dataset(data_dirs, labels_csv)
-    embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
-    features, hashes = embed_dataset(dataset, embedder, cache_dir, progress)
+    dataset, embedder, features, hashes = _embedded_dataset(data_dirs, labels_csv, embedder, cache_dir, progress)
     blocks = cnn_blocks(embedder)
     classifier, choice = fit_with_threshold(features, dataset.labels, dataset.groups, blocks, target_precision, seed)
     metadata = ModelMetadata(
@@ -65,7 +60,6 @@ def train_model(
         cnn_blocks=[[list(r) for r in block] for block in blocks],
         threshold=choice.threshold,
         target_precision=target_precision,
-        slic=asdict(SlicParams()),
         training={
             **dataset.summary(),
             "data_hash": dataset.content_hash(hashes),
@@ -79,7 +73,7 @@ def train_model(
             "met_target_precision": choice.met_target,
         },
         xgb_params=XGB_PARAMS,
-        random_weights=_uses_random_weights(embedder),
+        random_weights=getattr(embedder, "random_weights", False),
         package_version=__version__,
         created=now_iso(),
     )
@@ -103,9 +97,7 @@ def evaluate_protocol(
     plot: str | Path | None = None,
 ) -> EvaluationReport:
     """Cross-validate an embedder on labelled folders under one protocol."""
-    dataset = load_dataset(data_dirs, labels_csv)
-    embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
-    features, _ = embed_dataset(dataset, embedder, cache_dir, progress)
+    dataset, embedder, features, _ = _embedded_dataset(data_dirs, labels_csv, embedder, cache_dir, progress)
     report, y, probs = evaluate_features(
         features,
         dataset.labels,
@@ -137,18 +129,14 @@ def evaluate_model(
     """Score a trained bundle, at its own threshold, on another labelled folder."""
     bundle = load_bundle(resolve_model(model))
     meta = bundle.metadata
-    dataset = load_dataset([data_dir], labels_csv)
-    embedder = get_embedder(meta.embedder, **meta.embedder_params)
-    bundle.check_embedder(embedder.name, embedder.version)
-    features, _ = embed_dataset(dataset, embedder, cache_dir, progress)
+    dataset, _, features, _ = _embedded_dataset([data_dir], labels_csv, bundle.build_embedder(), cache_dir, progress)
     probs = bundle.predict_proba(features)
     y = dataset.labels
-    half = compute_metrics(y, probs, (probs >= 0.5).astype(np.int32))
     report = EvaluationReport(
         protocol="external",
         embedder=meta.embedder,
         metrics=compute_metrics(y, probs, (probs >= meta.threshold).astype(np.int32)),
-        at_half={"precision": half.precision, "recall": half.recall, "f1": half.f1},
+        at_half=at_half(y, probs),
         target_precision=meta.target_precision,
     )
     if plot is not None:

@@ -44,7 +44,6 @@ from amber_hunter.classify import bundled_model_path
 REPO = Path(__file__).resolve().parents[1]
 DATASET = (REPO / ".." / "shared" / "datasets" / "texty-amber").resolve()
 SCENE = DATASET / "example" / "positive1.png"
-#: The bundle shipped in the package, used when it is a texture model.
 
 #: Contract targets: (stage, cores) -> seconds per scene.
 TARGETS = {("texture embed", 1): 0.3, ("detect, texture model", 1): 1.0}

@@ -172,7 +172,7 @@ def make_fixtures():
 
 
 @pytest.fixture(scope="session")
-def fixture_file(make_fixtures):
+def fixture_file():
     """``fixture_file(name)`` -> path of a committed synthetic fixture (fails loudly if missing)."""
 
     def get(name: str) -> Path:

@@ -97,7 +97,7 @@ def region(data_root, tmp_path_factory) -> SyntheticRegion:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(small_data, tmp_path_factory) -> Path:
+def tiny_model(small_data, shared_cache, tmp_path_factory) -> Path:
     """A texture bundle with a 30-tree booster and threshold 0.5: real features, trained in seconds
     (the full training picks its threshold on out-of-fold fits, which takes tens of seconds)."""
     from amber_hunter.cache import embed_files
@@ -107,7 +107,7 @@ def tiny_model(small_data, tmp_path_factory) -> Path:
 
     dataset = load_dataset([small_data])
     embedder = get_embedder("texture")
-    features, _ = embed_files(dataset.paths, embedder, tmp_path_factory.mktemp("tiny-cache"))
+    features, _ = embed_files(dataset.paths, embedder, shared_cache)
     booster = fit_booster(features, dataset.labels, params={"n_estimators": 30})
     metadata = ModelMetadata(embedder="texture", embedder_version=embedder.version, embedder_params={},
                              dim=embedder.dim, threshold=0.5, target_precision=0.95)

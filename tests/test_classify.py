@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_damage import edit_model_json, truncate_xgb_json
 
 from amber_hunter import atomic
 from amber_hunter.cache import embed_files
@@ -52,17 +53,6 @@ def copy_bundle(src: Path, dest: Path) -> Path:
     return dest
 
 
-def edit_model_json(bundle: Path, **changes) -> None:
-    meta = json.loads((bundle / "model.json").read_text())
-    meta.update(changes)
-    (bundle / "model.json").write_text(json.dumps(meta))
-
-
-def truncate_xgb_json(bundle: Path) -> None:
-    """Cut xgb.json as an interrupted copy would, at a key boundary past its middle (``...",``).
-    XGBoost's parse error for that case carries a raw 0xFF byte."""
-    data = (bundle / "xgb.json").read_bytes()
-    (bundle / "xgb.json").write_bytes(data[: data.index(b'",', len(data) // 2) + 2])
 
 
 @pytest.fixture(scope="module")

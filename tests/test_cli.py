@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_damage import edit_model_json, truncate_xgb_json
 from click.testing import CliRunner
 from PIL import Image
 
@@ -56,12 +57,6 @@ def assert_user_error(result, *outputs, fragment: str | None = None):
         if out.parent.is_dir():
             leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
             assert not leftovers, f"temporary files left beside {out}: {leftovers}"
-
-
-def edit_model_json(bundle: Path, **changes) -> None:
-    meta = json.loads((bundle / "model.json").read_text())
-    meta.update(changes)
-    (bundle / "model.json").write_text(json.dumps(meta))
 
 
 def synthetic_dataset(root: Path, n_pos: int, n_neg: int, *, study_names: bool = True, seed: int = 0) -> Path:
@@ -383,9 +378,8 @@ def damage_bundle(kind: str, bundle: Path) -> None:
         (bundle / "model.json").write_text("\x00\x01 this is not json")
     elif kind == "garbage-xgb-json":
         (bundle / "xgb.json").write_text("{ definitely not a booster")
-    elif kind == "truncated-xgb-json":  # as an interrupted copy leaves it: cut after a value, before a key
-        data = (bundle / "xgb.json").read_bytes()
-        (bundle / "xgb.json").write_bytes(data[: data.index(b'",', len(data) // 2) + 2])
+    elif kind == "truncated-xgb-json":
+        truncate_xgb_json(bundle)
     elif kind == "other-embedder-version":
         edit_model_json(bundle, embedder_version="0")
     elif kind == "other-embedder":

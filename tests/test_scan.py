@@ -8,6 +8,7 @@ model with a small booster, so a scene takes well under a second.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -146,8 +147,7 @@ def test_rerun_resumes_and_counts_nothing_twice(folder_run, region, tiny_model, 
 
 
 def test_a_changed_config_is_refused_unless_forced(folder_run, region, tiny_model, tmp_path):
-    run = tmp_path / "run"
-    scan(region.config(region.folder, tiny_model), run)
+    run = shutil.copytree(folder_run, tmp_path / "run")  # a finished run of the same config
     with pytest.raises(RunStoreError, match=r"different min_positive.*--force"):
         scan(region.config(region.folder, tiny_model, min_positive=5), run)
     assert scan(region.config(region.folder, tiny_model, workers=3), run).processed == 0  # speed settings may change

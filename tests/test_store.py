@@ -40,7 +40,7 @@ def done(scene_id: str, n: int = 3, flagged: bool = True) -> SceneRecord:
 # --- config ------------------------------------------------------------------------------------
 
 
-def test_config_round_trips_and_never_holds_a_key(tmp_path, monkeypatch):
+def test_config_round_trips_and_never_holds_a_key(monkeypatch):
     monkeypatch.setenv("TILE_KEY", "s3cr3t")
     c = RunConfig(aoi="26.24,50.61,26.27,50.63", tiles="https://t/{z}/{x}/{y}.png?k={key}", api_key_env="TILE_KEY", max_rps=4)
     text = json.dumps(c.to_json())

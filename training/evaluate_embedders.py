@@ -40,9 +40,8 @@ def run(data: Path, embedders: list[str], out: Path, target_precision: float) ->
                 target_precision=target_precision,
                 plot=out / f"{tag}.pr.png",
             )
-            atomic.write_json(out / f"{tag}.json", report.to_json())
-            results[tag] = report.to_json()
-            m = results[tag]
+            m = results[tag] = report.to_json()
+            atomic.write_json(out / f"{tag}.json", m)
             print(
                 f"{tag:32s} P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} AUC {m['roc_auc']:.3f}",
                 flush=True,
@@ -82,8 +81,9 @@ def main() -> None:
     results = run(find_texty_dataset(args.data), embedders, args.out, args.target_precision)
     bench = json.loads(args.bench.read_text()) if args.bench else {}
     atomic.write_json(args.out / "results.json", results)
-    atomic.write_bytes(args.out / "table.md", table(results, embedders, bench).encode())
-    print(table(results, embedders, bench))
+    text = table(results, embedders, bench)
+    atomic.write_bytes(args.out / "table.md", text.encode())
+    print(text)
 
 
 if __name__ == "__main__":

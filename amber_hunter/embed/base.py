@@ -49,6 +49,11 @@ class ConcatEmbedder:
     def params(self) -> dict:
         return {p.name: p.params for p in self.parts}
 
+    @property
+    def random_weights(self) -> bool:
+        """True when any part has random weights: its model detects nothing real."""
+        return any(getattr(p, "random_weights", False) for p in self.parts)
+
     def embed(self, image: np.ndarray, regions: Sequence[Region]) -> np.ndarray:
         return np.concatenate([p.embed(image, regions) for p in self.parts], axis=1)
 
