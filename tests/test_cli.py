@@ -130,7 +130,7 @@ def test_version_and_help_in_process():
 
 
 def test_train_texture_writes_a_bundle(small_data, shared_cache, texture_model, out):
-    from amber_hunter.classify import load_bundle
+    from amber_hunter.model.classify import load_bundle
 
     result = run("train", small_data, "--embedder", "texture", "--out", out / "m", "--cache-dir", shared_cache)
     assert_ok(result)

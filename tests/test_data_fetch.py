@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from tile_servers import Fault, tile_server
 
-from amber_hunter.data import find_texty_dataset
-from amber_hunter.data_fetch import (
+from amber_hunter.errors import DatasetError
+from amber_hunter.learn.data import find_texty_dataset
+from amber_hunter.learn.download import (
     DATASET_FOLDERS,
     DEFAULT_BASE_URL,
     MANIFEST_PATH,
@@ -26,7 +27,6 @@ from amber_hunter.data_fetch import (
     load_manifest,
     write_manifest,
 )
-from amber_hunter.errors import DatasetError
 
 FAST = {"backoff": 0.0, "timeout": (2.0, 2.0), "progress": False}
 PREFIX = "/model/datasets/"

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amber_hunter.cache import EmbeddingCache, embed_files, embedder_key, file_hash
-from amber_hunter.classify import grouped_splits
-from amber_hunter.dataset import Dataset, load_dataset, make_sample, parse_name, read_labels_csv
 from amber_hunter.errors import DatasetError, LabelsError
-from amber_hunter.evaluate import seed_split, spatial_bands, spatial_folds
 from amber_hunter.images import write_png
+from amber_hunter.learn.cache import EmbeddingCache, embed_files, embedder_key, file_hash
+from amber_hunter.learn.dataset import Dataset, load_dataset, make_sample, parse_name, read_labels_csv
+from amber_hunter.learn.evaluate import seed_split, spatial_bands, spatial_folds
+from amber_hunter.model.classify import grouped_splits
 
 SAME_SCENE = (
     "50.331157700000006_26.2724705_20_Jun_2015_GMT_super_18.png",

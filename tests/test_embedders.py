@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amber_hunter.embed import EMBEDDERS, ConcatEmbedder, Embedder, cnn_blocks, get_embedder
-from amber_hunter.embed.texture import TextureEmbedder
 from amber_hunter.errors import EmbedderError, WeightsUnavailableError
 from amber_hunter.images import read_rgb
-from amber_hunter.segment import Region, SlicParams, segment, whole_image_region
+from amber_hunter.model.embed import EMBEDDERS, ConcatEmbedder, Embedder, cnn_blocks, get_embedder
+from amber_hunter.model.embed.texture import TextureEmbedder
+from amber_hunter.model.segment import Region, SlicParams, segment, whole_image_region
 
 OFFLINE = "URL fetch failure on https://storage.googleapis.com/tensorflow/keras-applications/resnet/x.h5: None -- [Errno 101] Network is unreachable"
 
@@ -157,7 +157,7 @@ def test_vgg16_real_weights_on_real_crops(vgg16, positive_crop, negative_crop):
 
 @pytest.mark.slow
 def test_vgg16_batches_do_not_change_features(vgg16, positive_crop, monkeypatch):
-    from amber_hunter.embed import cnn
+    from amber_hunter.model.embed import cnn
 
     image = read_rgb(positive_crop)
     h, w = image.shape[:2]
@@ -178,7 +178,7 @@ def test_vgg16_batches_do_not_change_features(vgg16, positive_crop, monkeypatch)
 
 @pytest.mark.slow
 def test_resnet50_random_weights_shape_and_seed_determinism():
-    from amber_hunter.embed.cnn import ResNet50Embedder
+    from amber_hunter.model.embed.cnn import ResNet50Embedder
 
     image = np.random.default_rng(3).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     regions = segment(image, SlicParams(n_segments=4)).regions
@@ -199,7 +199,7 @@ def test_resnet50_imagenet_offline_is_one_line_weights_error(tmp_path, monkeypat
     import keras
     from keras.src.applications import resnet as keras_resnet
 
-    from amber_hunter.embed.cnn import ResNet50Embedder
+    from amber_hunter.model.embed.cnn import ResNet50Embedder
 
     keras_home = tmp_path / "keras-home"
     keras_home.mkdir()

@@ -11,12 +11,12 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from amber_hunter.cli_scan import export as export_command
-from amber_hunter.cli_scan import status as status_command
-from amber_hunter.config import RunConfig
+from amber_hunter.cli.scan import export as export_command
+from amber_hunter.cli.scan import status as status_command
 from amber_hunter.errors import ConfigError, RunStoreError
-from amber_hunter.export import export
-from amber_hunter.store import RunStore
+from amber_hunter.export.writers import export
+from amber_hunter.run.config import RunConfig
+from amber_hunter.run.store import RunStore
 
 
 def _flagged(run):
@@ -113,7 +113,7 @@ def test_status_and_export_commands(folder_run, tmp_path):
 
 
 def test_status_and_export_do_not_import_tensorflow_or_xgboost():
-    code = ("import sys, amber_hunter.cli_scan, amber_hunter.export, amber_hunter.store; "
+    code = ("import sys, amber_hunter.cli.scan, amber_hunter.export.writers, amber_hunter.run.store; "
             "print([m for m in ('tensorflow', 'xgboost', 'keras') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

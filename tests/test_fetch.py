@@ -13,7 +13,8 @@ import pytest
 from tile_servers import Fault, png_bytes, tile_server, write_tile_folder
 
 from amber_hunter.errors import ConfigError, TileSourceError
-from amber_hunter.fetch import (
+from amber_hunter.images import decode_rgb
+from amber_hunter.sources.fetch import (
     MISSING,
     CachedTileSource,
     FolderSource,
@@ -25,7 +26,6 @@ from amber_hunter.fetch import (
     parse_capture_date,
     parse_retry_after,
 )
-from amber_hunter.images import decode_rgb
 
 TILES = [mercantile.Tile(x, y, 5) for x in (17, 18) for y in (10, 11)]
 SECRET = "s3cr3t/key+42"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amber_hunter import segment as segment_module
 from amber_hunter.errors import AmberHunterError, ImageError
 from amber_hunter.images import decode_rgb, encode_png, read_rgb, to_rgb8, write_png
-from amber_hunter.segment import (
+from amber_hunter.model import segment as segment_module
+from amber_hunter.model.segment import (
     Region,
     SlicParams,
     regions_of,

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import websocket
 
-from amber_hunter.export import export
+from amber_hunter.export.writers import export
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_S = 60.0

@@ -22,12 +22,12 @@ from scan_fixtures import EXPECTED, LAYOUT, SIZE, ZOOM, region_cells, results
 from tile_servers import Fault, tile_server
 
 from amber_hunter.errors import RunStoreError
+from amber_hunter.geo.tiles import SceneCell
 from amber_hunter.images import read_rgb
-from amber_hunter.scan import SIMPLIFY_PX, region_outline, scan
-from amber_hunter.scenes import load_scene
-from amber_hunter.segment import Region
-from amber_hunter.store import RunStore
-from amber_hunter.tiles import SceneCell
+from amber_hunter.model.segment import Region
+from amber_hunter.run.scan import SIMPLIFY_PX, region_outline, scan
+from amber_hunter.run.scenes import load_scene
+from amber_hunter.run.store import RunStore
 
 #: Launches the CLI as the installed ``amber-hunter`` script does.
 CLI = "from amber_hunter.cli import main; main()"
@@ -53,7 +53,7 @@ def test_each_kind_of_scene_gets_its_outcome(folder_run, region):
 def test_scene_is_stitched_in_row_major_order_with_capture_date(region):
     import datetime as dt
 
-    from amber_hunter.fetch import FolderSource, TileResult
+    from amber_hunter.sources.fetch import FolderSource, TileResult
 
     class Dated(FolderSource):
         def get(self, tile):
@@ -94,7 +94,7 @@ def test_mbtiles_source_gives_the_same_results(folder_run, region, tiny_model, t
 @pytest.mark.parametrize("fault", [Fault("status", status=500), Fault("status", status=429, retry_after="0")],
                          ids=["500", "429"])
 def test_a_server_failing_half_the_time_gives_the_same_results(fault, folder_run, region, tiny_model, tmp_path, monkeypatch):
-    from amber_hunter import fetch
+    from amber_hunter.sources import fetch
 
     with tile_server(region.folder, fault=fault) as server:
         config = region.config(server.url + "/{z}/{x}/{y}.png", tiny_model, workers=2)
@@ -109,8 +109,8 @@ def test_a_server_failing_half_the_time_gives_the_same_results(fault, folder_run
 def test_scenes_failed_in_an_outage_are_redone_only_with_retry_failed(folder_run, region, tiny_model, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from amber_hunter import fetch
     from amber_hunter.cli import main
+    from amber_hunter.sources import fetch
 
     monkeypatch.setattr(fetch.HttpTileSource, "_backoff", lambda self, attempt: 0.01)
     run = tmp_path / "run"

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from amber_hunter import atomic
-from amber_hunter.config import RunConfig
-from amber_hunter.detect import SceneResult
 from amber_hunter.errors import AreaError, ConfigError, RunStoreError
-from amber_hunter.store import RegionRecord, RunStore, SceneRecord
-from amber_hunter.tiles import Bounds, SceneCell
+from amber_hunter.geo.tiles import Bounds, SceneCell
+from amber_hunter.model.detect import SceneResult
+from amber_hunter.run.config import RunConfig
+from amber_hunter.run.store import RegionRecord, RunStore, SceneRecord
 
 CELLS = [SceneCell(18, 150186 + 4 * k, 88196, 4) for k in range(3)]
 BOX = Bounds(26.0, 50.0, 26.01, 50.01)

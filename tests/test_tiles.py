@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from amber_hunter.errors import AreaError, ConfigError
-from amber_hunter.tiles import (
+from amber_hunter.geo.tiles import (
     MAX_LAT,
     Area,
     Bounds,

@@ -47,10 +47,10 @@ import numpy as np
 from PIL import Image
 
 from amber_hunter import atomic
-from amber_hunter.data import find_texty_dataset
 from amber_hunter.errors import AmberHunterError, ConfigError, DatasetError
+from amber_hunter.geo.tiles import Bounds, SceneCell, flip_y
 from amber_hunter.images import read_rgb
-from amber_hunter.tiles import Bounds, SceneCell, flip_y
+from amber_hunter.learn.data import find_texty_dataset
 
 ZOOM = 18
 SCENE_TILES = 4

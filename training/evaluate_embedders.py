@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 from amber_hunter import atomic
-from amber_hunter.data import find_texty_dataset
-from amber_hunter.workflows import evaluate_protocol
+from amber_hunter.learn.data import find_texty_dataset
+from amber_hunter.learn.workflows import evaluate_protocol
 
 HERE = Path(__file__).resolve().parent
 

@@ -32,11 +32,11 @@ from pathlib import Path
 
 from build_demo_region import SCENE_TILES, ZOOM, build_demo_region
 
-from amber_hunter.config import RunConfig
 from amber_hunter.errors import AmberHunterError, ConfigError, RunStoreError
-from amber_hunter.export import ExportPaths, ExportSummary, check_basemap, export
-from amber_hunter.scan import ScanSummary, scan
-from amber_hunter.store import RunStore
+from amber_hunter.export.writers import ExportPaths, ExportSummary, check_basemap, export
+from amber_hunter.run.config import RunConfig
+from amber_hunter.run.scan import ScanSummary, scan
+from amber_hunter.run.store import RunStore
 
 #: Where the tiles sit under the served folder, as a URL template.
 TILE_PATH = "/tiles/{z}/{x}/{y}.png"

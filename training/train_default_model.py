@@ -2,8 +2,8 @@
 
     python training/train_default_model.py [--data DIR] [--seed 0]
 
-Writes ``amber_hunter/models/default`` (vgg16+texture: the best spatial-protocol result, see the
-README's table) and ``amber_hunter/models/fast`` (texture only: 10x faster, for CPU-only sweeps
+Writes ``amber_hunter/model/bundled/default`` (vgg16+texture: the best spatial-protocol result, see the
+README's table) and ``amber_hunter/model/bundled/fast`` (texture only: 10x faster, for CPU-only sweeps
 of large regions), both trained on every labelled crop of the Texty dataset. Then runs ``detect``
 on the six example scenes and exits non-zero unless the default model flags exactly the three
 positive ones.
@@ -16,11 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from amber_hunter.classify import bundled_model_path
-from amber_hunter.data import find_texty_dataset
-from amber_hunter.detect import Detector
 from amber_hunter.images import read_rgb
-from amber_hunter.workflows import train_model
+from amber_hunter.learn.data import find_texty_dataset
+from amber_hunter.learn.workflows import train_model
+from amber_hunter.model.classify import bundled_model_path
+from amber_hunter.model.detect import Detector
 
 #: Bundled name -> (embedder, must it pass the example check). Why these embedders: the README's
 #: "How good is it?". The fast model finds only two positive superpixels in positive2.png, where

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import AmberHunterError
+from .. import __version__
+from ..errors import AmberHunterError
 
 EMBEDDER_HELP = "texture, vgg16, resnet50, or parts joined with '+' (e.g. vgg16+texture)"
 
@@ -42,7 +42,7 @@ def _progress(desc: str):
 
 def _embedder(name: str, resnet_weights: str):
     """Build ``name`` with ``--resnet-weights`` applied to its resnet50 part, if it has one."""
-    from .embed import get_embedder
+    from ..model.embed import get_embedder
 
     resnet = {"weights": resnet_weights}
     if "+" in name:  # a combined embedder takes options keyed by part name, and ignores the others
@@ -53,8 +53,8 @@ def _embedder(name: str, resnet_weights: str):
 def _write_outputs(files: dict) -> None:
     """Write output files (path -> bytes) only once all of them are ready and their paths usable,
     so a bad second path never leaves the first output alone; each write is atomic."""
-    from . import atomic
-    from .errors import ConfigError
+    from .. import atomic
+    from ..errors import ConfigError
 
     files = {Path(p): data for p, data in files.items() if p}
     for path in files:
@@ -109,7 +109,7 @@ def main():
 @data_options
 def train(data_dirs, embedder, out, labels_csv, cache_dir, resnet_weights, target_precision, seed):
     """Train a classifier on folders holding positive/ and negative/ crops."""
-    from .workflows import train_model
+    from ..learn.workflows import train_model
 
     bundle = train_model(
         data_dirs,
@@ -158,8 +158,8 @@ def evaluate(
     seed,
 ):
     """Measure a detector: cross-validate an embedder, or score a trained --model."""
-    from .errors import ConfigError
-    from .workflows import evaluate_model, evaluate_protocol
+    from ..errors import ConfigError
+    from ..learn.workflows import evaluate_model, evaluate_protocol
 
     plot = plot or (str(Path(json_out).with_suffix(".pr.png")) if json_out else None)
     if model:
@@ -211,9 +211,9 @@ def detect(scene, model, min_positive, json_out, overlay, m_per_px, allow_random
     """Classify the superpixels of one scene image and flag it as mining or not."""
     from dataclasses import asdict
 
-    from .detect import Detector
-    from .detect import overlay as draw_overlay
-    from .images import encode_png, read_rgb
+    from ..images import encode_png, read_rgb
+    from ..model.detect import Detector
+    from ..model.detect import overlay as draw_overlay
 
     image = read_rgb(scene)
     detector = Detector.load(model, min_positive=min_positive, allow_random=allow_random)
@@ -246,14 +246,14 @@ def data():
 @click.option("--base-url", default=None, help="A mirror of texty/amber-methodology's model/datasets folder.")
 def data_fetch(name, dest, base_url):
     """Download the labelled crops and example scenes, checked by sha256; run again to resume."""
-    from .data_fetch import DEFAULT_BASE_URL, fetch_texty
+    from ..learn.download import DEFAULT_BASE_URL, fetch_texty
 
     path = fetch_texty(dest, base_url or DEFAULT_BASE_URL)
     hint = "" if dest is None else f"; set AMBER_HUNTER_DATA={path} (or pass the path) so amber-hunter finds it"
     click.echo(f"texty-amber dataset in {path}{hint}")
 
 
-from .cli_scan import export, scan, status
+from .scan import export, scan, status
 
 for _command in (scan, status, export):
     main.add_command(_command)

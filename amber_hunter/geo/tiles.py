@@ -16,7 +16,7 @@ from dataclasses import astuple, dataclass
 import mercantile
 import numpy as np
 
-from .errors import AreaError, ConfigError
+from ..errors import AreaError, ConfigError
 
 #: Highest latitude Web Mercator can show, ``atan(sinh(pi))`` in degrees.
 MAX_LAT = math.degrees(math.atan(math.sinh(math.pi)))

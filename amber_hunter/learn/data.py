@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 TEXTY = "texty-amber"
 
@@ -28,7 +28,7 @@ def user_data_dir() -> Path:
 def candidate_dirs(name: str = TEXTY) -> list[Path]:
     """Places searched, in order: ``$AMBER_HUNTER_DATA``, ``../shared/datasets`` next to the
     working directory and next to the repo, then the user data folder."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     places = [Path(os.environ["AMBER_HUNTER_DATA"])] if os.environ.get("AMBER_HUNTER_DATA") else []
     places += [
         Path.cwd().parent / "shared" / "datasets" / name,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .classify import TARGET_PRECISION, fit_with_threshold, grouped_splits
-from .errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError
+from ..model.classify import TARGET_PRECISION, fit_with_threshold, grouped_splits
 
 PROTOCOLS = ("seed-split", "grouped", "spatial")
 
@@ -203,7 +203,7 @@ def plot_pr_curve(labels: np.ndarray, probs: np.ndarray, title: str, path: str |
     import matplotlib.pyplot as plt
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    from . import atomic
+    from .. import atomic
 
     precision, recall, _ = precision_recall_curve(labels, probs)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)

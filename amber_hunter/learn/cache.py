@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import atomic
-from .embed.base import Embedder
+from .. import atomic
+from ..model.embed.base import Embedder
 
 #: New vectors are flushed to a shard this often, bounding what a kill can lose.
 SHARD_SIZE = 64
@@ -104,8 +104,8 @@ def embed_files(
 
     ``progress`` wraps the list of files still to embed (e.g. ``tqdm``).
     """
-    from .images import read_rgb
-    from .segment import whole_image_region
+    from ..images import read_rgb
+    from ..model.segment import whole_image_region
 
     cache = EmbeddingCache(cache_root if cache_root is not None else default_cache_dir(), embedder)
     digests = [file_hash(p) for p in paths]

@@ -24,13 +24,13 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import AmberHunterError
+from ..geo.tiles import Bounds, SceneCell, scene_grid
+from ..model.segment import Region
+from ..sources.fetch import CachedTileSource, TileSource, open_source
 from .config import RunConfig
-from .errors import AmberHunterError
-from .fetch import CachedTileSource, TileSource, open_source
 from .scenes import Scene, cell_from_id, load_scene
-from .segment import Region
 from .store import RegionRecord, RunStatus, RunStore, SceneRecord
-from .tiles import Bounds, SceneCell, scene_grid
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
 
 def analyse(scene: Scene, detector) -> SceneRecord:
     """Detect mining in a loaded scene and gather everything the store keeps about it."""
-    from .detect import overlay
+    from ..model.detect import overlay
 
     if scene.status != "ok":
         return SceneRecord(scene.scene_id, scene.status, scene.bounds, error=scene.reason, capture_date=scene.capture_date)
@@ -219,7 +219,7 @@ def scan(
     ``progress`` is called once with the number of pending scenes and must return something with
     ``update()`` and ``close()`` (e.g. ``lambda total: tqdm(total=total, unit="scene")``).
     """
-    from .detect import Detector
+    from ..model.detect import Detector
 
     started = time.monotonic()
     processed, interrupted = 0, False

@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import AreaError, ConfigError
-from .tiles import Area, Bounds, check_scene_tiles, check_zoom, parse_bbox, parse_geojson
+from ..errors import AreaError, ConfigError
+from ..geo.tiles import Area, Bounds, check_scene_tiles, check_zoom, parse_bbox, parse_geojson
 
 #: Settings that decide the results; a resume with other values is refused unless forced.
 FINGERPRINT_FIELDS = ("area", "zoom", "scene_tiles", "tiles", "model", "min_positive", "date_header")

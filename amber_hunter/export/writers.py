@@ -18,11 +18,11 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import atomic
-from .errors import AreaError, ConfigError
-from .store import RunStore
-from .tiles import Area, Bounds, parse_geojson
-from .tiles import contains as _point_in_polygons
+from .. import atomic
+from ..errors import AreaError, ConfigError
+from ..geo.tiles import Area, Bounds, parse_geojson
+from ..geo.tiles import contains as _point_in_polygons
+from ..run.store import RunStore
 
 M2_PER_HA = 10_000.0
 

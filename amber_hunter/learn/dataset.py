@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetError, LabelsError
+from ..errors import DatasetError, LabelsError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 LABEL_WORDS = {"1": 1, "positive": 1, "mining": 1, "0": 0, "negative": 0, "clean": 0}

@@ -6,7 +6,7 @@ embedder is actually built, so the CLI's ``--help``, ``status`` and ``export`` s
 
 from __future__ import annotations
 
-from ..errors import EmbedderError
+from ...errors import EmbedderError
 from .base import ConcatEmbedder, Embedder, cnn_blocks
 
 #: Names accepted by ``--embedder``; a ``+`` joins several, e.g. ``vgg16+texture``.

@@ -1,7 +1,7 @@
 """Scenes: the tiles of one scene cell stitched into one georeferenced RGB image.
 
 The study segmented ~1000 px scenes, not 256 px tiles, so tiles are fetched and stitched per
-:class:`~amber_hunter.tiles.SceneCell`. Loading a scene never raises for bad data: coverage gaps,
+:class:`~amber_hunter.geo.tiles.SceneCell`. Loading a scene never raises for bad data: coverage gaps,
 blank "no data" tiles and broken tiles are everyday events in a night-long scan, so each becomes
 an outcome the run records (no-imagery, skipped or failed) before moving on to the next scene.
 """
@@ -14,10 +14,10 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import AmberHunterError, ImageError, RunStoreError
-from .fetch import TileSource
-from .images import decode_rgb
-from .tiles import Bounds, SceneCell
+from ..errors import AmberHunterError, ImageError, RunStoreError
+from ..geo.tiles import Bounds, SceneCell
+from ..images import decode_rgb
+from ..sources.fetch import TileSource
 
 TILE_SIZE = 256
 #: A tile whose every channel spans at most this many grey levels carries no imagery: providers

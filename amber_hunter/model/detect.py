@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ModelBundleError
 from .classify import ModelBundle, load_bundle, resolve_model
 from .embed import Embedder
-from .errors import ModelBundleError
 from .segment import Segmentation, segment
 
 MIN_POSITIVE = 2

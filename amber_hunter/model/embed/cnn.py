@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EmbedderError, WeightsUnavailableError
+from ...errors import EmbedderError, WeightsUnavailableError
 from ..segment import CNN_SIZE, Region, resize_nearest
 from .base import empty
 

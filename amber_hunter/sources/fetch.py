@@ -31,9 +31,9 @@ import mercantile
 import requests
 from requests.adapters import HTTPAdapter
 
-from . import atomic
-from .errors import ConfigError, TileSourceError
-from .tiles import flip_y, tile_to_quadkey
+from .. import atomic
+from ..errors import ConfigError, TileSourceError
+from ..geo.tiles import flip_y, tile_to_quadkey
 
 PROJECT_URL = "https://github.com/amber-hunter/amber-hunter"
 DEFAULT_SUBDOMAINS = ("a", "b", "c")
@@ -165,7 +165,7 @@ def parse_capture_date(value: str | None) -> dt.date | None:
 def user_agent() -> str:
     """``amber-hunter/<version> (+<project url>)``, so tile providers can see who is calling."""
     try:
-        from . import __version__ as version  # late and guarded: works before the package is installed
+        from .. import __version__ as version  # late and guarded: works before the package is installed
     except ImportError:
         version = "dev"
     return f"amber-hunter/{version} (+{PROJECT_URL})"

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .cache import embed_files
-from .classify import (
+from .. import __version__
+from ..model.classify import (
     TARGET_PRECISION,
     XGB_PARAMS,
     ModelBundle,
@@ -23,8 +22,9 @@ from .classify import (
     resolve_model,
     save_bundle,
 )
+from ..model.embed import Embedder, cnn_blocks, get_embedder
+from .cache import embed_files
 from .dataset import load_dataset
-from .embed import Embedder, cnn_blocks, get_embedder
 from .evaluate import EvaluationReport, at_half, compute_metrics, evaluate_features, plot_pr_curve
 
 

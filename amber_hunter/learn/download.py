@@ -2,7 +2,7 @@
 
 Outside the project's workplace there is no ``../shared/datasets``, so ``amber-hunter data fetch
 texty`` fetches the files from their public source, github.com/texty/amber-methodology (folder
-``model/datasets``), into the user data folder where :func:`amber_hunter.data.find_texty_dataset`
+``model/datasets``), into the user data folder where :func:`amber_hunter.learn.data.find_texty_dataset`
 looks last. A bundled manifest pins every file's path, size and sha256 as the project trained on
 them, so a user gets exactly that data or a clear error, never a silently different dataset.
 
@@ -24,9 +24,9 @@ from pathlib import Path, PurePosixPath
 
 import requests
 
+from ..errors import DatasetError
+from ..sources.fetch import TRANSIENT_ERRORS
 from .data import TEXTY, user_data_dir
-from .errors import DatasetError
-from .fetch import TRANSIENT_ERRORS
 
 #: Raw files of the upstream repository's dataset folder; manifest ``url_path``s are relative to it.
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/texty/amber-methodology/master/model/datasets/"
@@ -94,7 +94,7 @@ def build_manifest(
 
 def write_manifest(manifest: Manifest, path: str | os.PathLike = MANIFEST_PATH) -> None:
     """Write a manifest as JSON, one file per line, so a regenerated manifest diffs readably."""
-    from . import atomic
+    from .. import atomic
 
     lines = ",\n".join("    " + json.dumps(asdict(entry)) for entry in manifest.files)
     text = f'{{\n  "source": {json.dumps(manifest.source)},\n  "files": [\n{lines}\n  ]\n}}\n'
@@ -141,7 +141,7 @@ def fetch_texty(
     """
     from tqdm import tqdm
 
-    from .fetch import user_agent
+    from ..sources.fetch import user_agent
 
     manifest = manifest if manifest is not None else load_manifest()
     dest = Path(dest) if dest is not None else user_data_dir() / TEXTY

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .errors import DatasetError, ModelBundleError
+from .. import atomic
+from ..errors import DatasetError, ModelBundleError
 from .segment import SlicParams
 
 #: 2: one linear head per CNN block (``cnn_blocks``) instead of one over all CNN columns.
@@ -289,7 +289,7 @@ BUNDLED_MODELS = ("default", "fast")
 
 def bundled_model_path(name: str = "default") -> Path:
     """Where the bundled model ``name`` lives inside the installed package."""
-    return Path(str(resources.files("amber_hunter") / "models" / name))
+    return Path(str(resources.files("amber_hunter.model") / "bundled" / name))
 
 
 def resolve_model(model: str | Path | None) -> Path:

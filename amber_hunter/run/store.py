@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from . import atomic
+from .. import atomic
+from ..errors import RunStoreError
+from ..geo.tiles import Bounds, SceneCell
+from ..images import write_png
 from .config import RunConfig
-from .errors import RunStoreError
-from .images import write_png
-from .tiles import Bounds, SceneCell
 
 if TYPE_CHECKING:  # detect pulls in scikit-image; status and export do not need it
-    from .detect import SceneResult
+    from ..model.detect import SceneResult
 
 StoredStatus = Literal["pending", "done", "failed", "no-imagery", "skipped"]
 _PAGE = 1000

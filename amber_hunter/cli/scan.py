@@ -33,8 +33,8 @@ def scan(aoi, tiles, run_dir, zoom, scene_tiles, model, workers, min_positive, m
     """Scan an area tile by tile for mining; rerun the same command to resume."""
     from tqdm import tqdm
 
-    from .config import RunConfig
-    from .scan import scan as run_scan
+    from ..run.config import RunConfig
+    from ..run.scan import scan as run_scan
 
     config = RunConfig(aoi=aoi, tiles=tiles, zoom=zoom, scene_tiles=scene_tiles, model=model, min_positive=min_positive,
                        workers=workers, max_rps=max_rps, api_key_env=api_key_env, date_header=date_header,
@@ -56,7 +56,7 @@ def scan(aoi, tiles, run_dir, zoom, scene_tiles, model, workers, min_positive, m
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def status(run_dir):
     """Print a run's scene counts, flagged scenes and speed (works while a scan is running)."""
-    from .store import RunStore
+    from ..run.store import RunStore
 
     with RunStore(run_dir) as store:
         s = store.status()
@@ -73,7 +73,7 @@ def status(run_dir):
               help="Map background: osm (OpenStreetMap, online), none (fully offline), or an XYZ URL template.")
 def export(run_dir, out_dir, registry, basemap):
     """Write detections.geojson, summary.json and map.html for a run."""
-    from .export import export as run_export
+    from ..export.writers import export as run_export
 
     paths, summary = run_export(run_dir, out_dir, registry, basemap)
     licence = "" if summary.scenes_unlicensed is None else f", {summary.scenes_unlicensed} outside licensed areas"

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from skimage.segmentation import slic
 
-from .errors import ImageError
+from ..errors import ImageError
 
 #: The study's SLIC parameters.
 N_SEGMENTS = 30
