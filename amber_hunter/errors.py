@@ -48,3 +48,17 @@ class TileSourceError(AmberHunterError):
 
 class RunStoreError(AmberHunterError):
     """A run directory that cannot be written, or a resume with a changed config."""
+
+
+class RunAbortError(AmberHunterError):
+    """A failure about the whole run, not one scene: a refused API key, a deleted source file, a
+    full disk. A scan stops at once on it (every later scene would fail the same way) instead of
+    marking the rest of the region failed. Raise it, or a subclass, only where that is true."""
+
+
+class SourceUnavailableError(TileSourceError, RunAbortError):
+    """A tile source that refuses the whole run (HTTP 401/403) or has gone (a deleted file)."""
+
+
+class ScanCancelledError(TileSourceError):
+    """A tile request abandoned because the user asked the scan to stop (a second Ctrl-C)."""
