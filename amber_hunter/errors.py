@@ -46,8 +46,6 @@ class TileSourceError(AmberHunterError):
     """A tile source that cannot be opened or does not serve what was asked for."""
 
 
-class RunStoreError(AmberHunterError):
-    """A run directory that cannot be written, or a resume with a changed config."""
 
 
 class RunAbortError(AmberHunterError):
@@ -62,3 +60,8 @@ class SourceUnavailableError(TileSourceError, RunAbortError):
 
 class ScanCancelledError(TileSourceError):
     """A tile request abandoned because the user asked the scan to stop (a second Ctrl-C)."""
+
+
+class RunStoreError(RunAbortError):
+    """A run directory that cannot be written (a full disk, say), or a resume with a changed config:
+    either way no further scene can be stored, so the run stops."""

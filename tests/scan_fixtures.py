@@ -85,7 +85,7 @@ class SyntheticRegion:
         self.ids = {c.scene_id: name for c, name in zip(cells, LAYOUT)}
 
     def config(self, tiles, model, **options) -> RunConfig:
-        return RunConfig(aoi=self.aoi, tiles=str(tiles), zoom=ZOOM, scene_tiles=SIZE, model=str(model), **options)
+        return RunConfig(aoi=self.aoi, tiles=str(tiles), model=str(model), **{"zoom": ZOOM, "scene_tiles": SIZE, **options})
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pytest
 from amber_hunter.errors import ConfigError, DatasetError
 from amber_hunter.geo.tiles import flip_y, parse_area, scene_grid
 from amber_hunter.images import decode_rgb, read_rgb
-from amber_hunter.sources.fetch import FolderSource, MBTilesSource
+from amber_hunter.sources import FolderSource, MBTilesSource
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "build_demo_region.py"
 

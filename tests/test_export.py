@@ -32,7 +32,7 @@ def test_export_writes_detections_summary_and_map(folder_run, tmp_path):
     assert kinds.count("scene") == len(flagged) > 0
     assert kinds.count("superpixel") == sum(len(r) for _, r in flagged)
     for f in geo["features"]:
-        assert {"scene_id", "probability", "capture_date", "area_m2", "kind"} <= set(f["properties"])
+        assert {"scene_id", "probability", "capture_date", "kind"} <= set(f["properties"])
         assert f["geometry"]["type"] == "Polygon" and "licensed" not in f["properties"]
     data = json.loads(paths.summary.read_text())
     assert {"scenes_scanned", "scenes_flagged", "damaged_ha", "damaged_ha_by_year"} <= set(data)
@@ -47,6 +47,21 @@ def test_export_writes_detections_summary_and_map(folder_run, tmp_path):
     assert all(html.count("<img src=\"data:image/png;base64,") == 1 for html in popups.values())
     assert "<script src=" not in page and "<link " not in page  # Leaflet is inlined; no CDN asset is left
     assert "tile.openstreetmap.org" in page  # the default base map, for users online
+
+
+def test_scene_and_positive_areas_have_two_names_and_the_layer_sums_once(folder_run, tmp_path):
+    """A GIS user who sums ``area_m2`` over the layer gets the damage once: scene features carry
+    their footprint and positive area under other names."""
+    paths, summary = export(folder_run, tmp_path / "out")
+    features = json.loads(paths.detections.read_text())["features"]
+    scenes = [f["properties"] for f in features if f["properties"]["kind"] == "scene"]
+    pixels = [f["properties"] for f in features if f["properties"]["kind"] == "superpixel"]
+    assert scenes and all("area_m2" not in s for s in scenes)
+    assert all({"scene_area_m2", "positive_area_m2"} <= set(s) for s in scenes)
+    # A 2x2-tile scene at zoom 18 near 50.6 N: 512 px at ~0.38 m/px, ~3.8 ha.
+    assert all(35_000 < s["scene_area_m2"] < 40_000 and s["positive_area_m2"] < s["scene_area_m2"] for s in scenes)
+    layer_ha = sum(f.get("area_m2", 0) for f in (p for p in pixels + scenes)) / 10_000
+    assert layer_ha == pytest.approx(summary.damaged_ha, abs=1e-3)
 
 
 @pytest.mark.parametrize("basemap, expected", [
@@ -117,3 +132,22 @@ def test_status_and_export_do_not_import_tensorflow_or_xgboost():
             "print([m for m in ('tensorflow', 'xgboost', 'keras') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("crs", [{"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::3857"}}, None],
+                         ids=["named-crs", "metre-coordinates"])
+def test_a_registry_in_a_projected_crs_says_so_and_names_the_fix(crs, folder_run, tmp_path):
+    x, y = 2_921_000.0, 6_552_000.0  # Rivne in EPSG:3857 metres
+    ring = [[x, y], [x + 500, y], [x + 500, y + 500], [x, y + 500], [x, y]]
+    registry = {"type": "FeatureCollection",
+                "features": [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
+    if crs:
+        registry["crs"] = crs
+    path = tmp_path / "licences.geojson"
+    path.write_text(json.dumps(registry))
+    with pytest.raises(ConfigError) as caught:
+        export(folder_run, tmp_path / "out", registry=path, basemap="none")
+    message = str(caught.value)
+    assert "Web Mercator" not in message and "ogr2ogr -t_srs EPSG:4326" in message
+    assert ("EPSG::3857" in message) if crs else ("looks projected" in message)
+    assert not (tmp_path / "out").exists()

@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mercantile
 import pytest
-from tile_servers import Fault, png_bytes, tile_server, write_tile_folder
+from tile_servers import Fault, tile_server, write_mbtiles, write_tile_folder
 
-from amber_hunter.errors import ConfigError, TileSourceError
+from amber_hunter.errors import ConfigError, SourceUnavailableError, TileSourceError
 from amber_hunter.images import decode_rgb
-from amber_hunter.sources.fetch import (
+from amber_hunter.sources import (
     MISSING,
     CachedTileSource,
     FolderSource,
@@ -110,7 +110,7 @@ def test_api_key_is_sent_but_never_shown(tile_dir, monkeypatch):
         assert server.requests[0][0].endswith("?key=s3cr3t%2Fkey%2B42")
         assert SECRET not in repr(source) and "TILE_KEY" in source.describe()
     with tile_server(root, fault=Fault("status", status=403, failures=None)) as server:
-        with pytest.raises(TileSourceError) as forbidden:
+        with pytest.raises(SourceUnavailableError) as forbidden:
             HttpTileSource(server.url + keyed, api_key_env="TILE_KEY", **FAST).get(TILES[0])
         assert server.hits["/5/17/10.png"] == 1  # a 403 is not retried
     with socket.socket() as s:  # a port nobody listens on: connection refused
@@ -153,7 +153,7 @@ def test_retry_after_is_honoured(tile_dir):
 
 
 def test_parse_retry_after():
-    now = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
+    now = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
     assert parse_retry_after("3", now) == 3.0
     assert parse_retry_after("Wed, 01 May 2024 12:00:30 GMT", now) == 30.0
     assert parse_retry_after("Wed, 01 May 2024 11:00:00 GMT", now) == 0.0
@@ -230,23 +230,9 @@ def test_cache_does_not_store_failures(tile_dir, tmp_path):
 # --- files -------------------------------------------------------------------------------------
 
 
-def make_mbtiles(path, tiles, metadata=(("minzoom", "5"), ("maxzoom", "5"))):
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE metadata (name text, value text)")
-    db.execute("CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)")
-    db.executemany("INSERT INTO metadata VALUES (?, ?)", metadata)
-    written = {}
-    for i, t in enumerate(tiles):
-        written[t] = png_bytes(100 + i)
-        db.execute("INSERT INTO tiles VALUES (?, ?, ?, ?)", (t.z, t.x, 2**t.z - 1 - t.y, written[t]))
-    db.commit()
-    db.close()
-    return written
-
-
 def test_mbtiles_source_flips_rows_and_checks_zoom(tmp_path):
     path = tmp_path / "area one.mbtiles"
-    written = make_mbtiles(path, TILES)
+    written = write_mbtiles(path, TILES)
     with open_source(str(path)) as source:
         assert isinstance(source, MBTilesSource)
         assert {t: source.get(t).data for t in TILES} == written
@@ -259,7 +245,7 @@ def test_mbtiles_source_flips_rows_and_checks_zoom(tmp_path):
 
 def test_mbtiles_without_zoom_metadata_asks_the_tiles_table(tmp_path):
     path = tmp_path / "bare.mbtiles"
-    make_mbtiles(path, TILES, metadata=())
+    write_mbtiles(path, TILES, metadata=())
     source = MBTilesSource(path)
     source.check_zoom(5)
     with pytest.raises(TileSourceError, match="no tiles at zoom 4"):
@@ -290,7 +276,7 @@ def test_open_source_picks_http_and_passes_options():
     "spec, error, fragment",
     [
         ("ftp://tiles.example/{z}/{x}/{y}.png", TileSourceError, "not usable"),
-        ("no/such/folder", TileSourceError, "an .mbtiles file, or an existing folder"),
+        ("no/such/folder", TileSourceError, "an .mbtiles file, an existing folder"),
         ("missing.mbtiles", TileSourceError, "no such MBTiles file"),
         ("not-sqlite.mbtiles", TileSourceError, "not a readable MBTiles file"),
         ("plain.txt", TileSourceError, "not usable"),

@@ -1,9 +1,9 @@
 """The README's main command, ``training/run_demo.py``: build, serve over real HTTP, scan, export,
 check the flags, and resume on a rerun.
 
-It runs with the small bundled ``fast`` model, which stands in for the default one, so whether
-the demo's expected flags are met is not asserted here; the check itself is tested against a
-``scenes.json`` whose labels are turned around.
+It runs exactly as the README says, with the bundled default model, and guards the main job: the
+three mining scenes must be flagged and none of the three clean ones (exit code 0). The check
+itself is also tested against a ``scenes.json`` whose labels are turned around.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def script():
 def demo(script, data_root, tmp_path_factory):
     """``(out, argv, exit code, stdout)`` of one demo run into a fresh folder."""
     out = tmp_path_factory.mktemp("demo")
-    argv = ["--out", str(out), "--model", "fast", "--basemap", "none", "--data", str(data_root)]
+    argv = ["--out", str(out), "--basemap", "none", "--data", str(data_root)]
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         code = script.main(argv)
     return out, argv, code, stdout.getvalue()
@@ -42,7 +42,8 @@ def demo(script, data_root, tmp_path_factory):
 
 def test_demo_writes_the_export_and_prints_where_the_map_is(demo):
     out, _, code, stdout = demo
-    assert code in (0, 1), stdout
+    assert code == 0, stdout
+    assert "3 flagged (positive1, positive2, positive3)" in stdout
     export_dir = out / "demo-export"
     assert {p.name for p in export_dir.iterdir()} >= {"map.html", "detections.geojson", "summary.json"}
     summary = json.loads((export_dir / "summary.json").read_text())
@@ -80,6 +81,6 @@ def test_a_bad_basemap_stops_before_anything_is_built(script, tmp_path, capsys):
 
 def test_a_finished_demo_run_with_another_model_is_refused(script, demo, capsys):
     argv = demo[1]
-    assert script.main([*argv, "--model", "default"]) == 2  # argparse: the last --model wins
+    assert script.main([*argv, "--model", "fast"]) == 2
     error = capsys.readouterr().err
     assert "demo-run holds a demo scan made with another model; delete it or choose another --out" in error

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ def test_each_kind_of_scene_gets_its_outcome(folder_run, region):
 def test_scene_is_stitched_in_row_major_order_with_capture_date(region):
     import datetime as dt
 
-    from amber_hunter.sources.fetch import FolderSource, TileResult
+    from amber_hunter.sources import FolderSource, TileResult
 
     class Dated(FolderSource):
         def get(self, tile):
@@ -83,6 +82,26 @@ def test_outline_follows_the_superpixel_in_lonlat():
     assert np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) > 0  # counter-clockwise, as RFC 7946 asks
 
 
+def test_outline_keeps_its_holes_and_stays_inside_the_scene():
+    """A superpixel around another (a pond in a pit field) keeps the hole, wound clockwise, and an
+    outline along the scene's edge never leaves the scene."""
+    cell = SceneCell(18, 150186, 88196, 2)
+    mask = np.ones((40, 40), bool)
+    mask[10:30, 12:28] = False  # the hole: 20 x 16 px
+    geometry = region_outline(Region(1, (0, 0, 40, 40), int(mask.sum()), mask), cell)
+    assert geometry["type"] == "Polygon" and len(geometry["coordinates"]) == 2
+    outer, hole = (np.array(ring) for ring in geometry["coordinates"])
+    signed = [np.dot(r[:-1, 0], r[1:, 1]) - np.dot(r[1:, 0], r[:-1, 1]) for r in (outer, hole)]
+    assert signed[0] > 0 > signed[1]  # outer counter-clockwise, hole clockwise (RFC 7946)
+    (west, east), (north, south) = cell.pixel_to_lonlat(np.array([10, 30]), np.array([12, 28]))
+    px = (east - west) / 16 * SIMPLIFY_PX  # simplification may cut corners by up to SIMPLIFY_PX
+    assert hole[:, 0].min() == pytest.approx(west, abs=px) and hole[:, 0].max() == pytest.approx(east, abs=px)
+    assert hole[:, 1].min() == pytest.approx(south, abs=px) and hole[:, 1].max() == pytest.approx(north, abs=px)
+    b = cell.bounds  # the region starts at the scene's top-left corner: its outline stays inside
+    assert (outer[:, 0] >= b.west).all() and (outer[:, 1] <= b.north).all()
+    assert outer[:, 0].min() == pytest.approx(b.west, abs=1e-7) and outer[:, 1].max() == pytest.approx(b.north, abs=1e-7)
+
+
 # --- sources and faults ------------------------------------------------------------------------
 
 
@@ -94,11 +113,11 @@ def test_mbtiles_source_gives_the_same_results(folder_run, region, tiny_model, t
 @pytest.mark.parametrize("fault", [Fault("status", status=500), Fault("status", status=429, retry_after="0")],
                          ids=["500", "429"])
 def test_a_server_failing_half_the_time_gives_the_same_results(fault, folder_run, region, tiny_model, tmp_path, monkeypatch):
-    from amber_hunter.sources import fetch
+    from amber_hunter.sources import HttpTileSource
 
     with tile_server(region.folder, fault=fault) as server:
         config = region.config(server.url + "/{z}/{x}/{y}.png", tiny_model, workers=2)
-        monkeypatch.setattr(fetch.HttpTileSource, "_backoff", lambda self, attempt: 0.01)
+        monkeypatch.setattr(HttpTileSource, "_backoff", lambda self, attempt: 0.01)
         summary = scan(config, tmp_path / "run")
     assert summary.status.pending == 0 and not summary.interrupted
     assert results(tmp_path / "run") == results(folder_run)
@@ -110,23 +129,23 @@ def test_scenes_failed_in_an_outage_are_redone_only_with_retry_failed(folder_run
     from click.testing import CliRunner
 
     from amber_hunter.cli import main
-    from amber_hunter.sources import fetch
+    from amber_hunter.sources import HttpTileSource
 
-    monkeypatch.setattr(fetch.HttpTileSource, "_backoff", lambda self, attempt: 0.01)
+    monkeypatch.setattr(HttpTileSource, "_backoff", lambda self, attempt: 0.01)
     run = tmp_path / "run"
     with tile_server(region.folder, fault=Fault("status", status=503, failures=None)) as server:
         args = ["scan", "--aoi", region.aoi, "--tiles", server.url + "/{z}/{x}/{y}.png", "--run", str(run),
                 "--zoom", str(ZOOM), "--scene-tiles", str(SIZE), "--model", str(tiny_model)]
         down = CliRunner().invoke(main, args)
-        assert down.exit_code == 0, down.output
+        assert down.exit_code == 1, down.output  # a run that ends with failed scenes exits non-zero
         with RunStore(run) as store:
             n_failed = store.status().failed
         assert n_failed > 0 and "--retry-failed" in down.output
         server.fault = None  # the outage is over
         plain = CliRunner().invoke(main, args)
-        assert plain.exit_code == 0 and "0 scenes this run" in plain.output, plain.output
+        assert plain.exit_code == 1 and "0 scenes this run" in plain.output, plain.output
         retried = CliRunner().invoke(main, [*args, "--retry-failed"])
-        assert retried.exit_code == 0, retried.output
+        assert retried.exit_code == 1, retried.output  # the region's two bad-tile scenes fail again
         assert f"{n_failed} scenes this run" in retried.output  # the bad tiles fail again, the rest are done
     assert results(run) == results(folder_run)
     assert f"requeued {n_failed} failed scenes" in (run / "log.txt").read_text()
@@ -154,19 +173,51 @@ def test_a_changed_config_is_refused_unless_forced(folder_run, region, tiny_mode
     assert scan(region.config(region.folder, tiny_model, min_positive=5), run, force=True).processed == 0
 
 
+def test_the_model_counts_by_its_content_and_each_scene_records_it(folder_run, region, tiny_model, texture_model, tmp_path):
+    """A model retrained into the same folder is a changed config, though its path is the same."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    run = tmp_path / "run"
+    first = scan(region.config(region.folder, model), run)
+    with RunStore(run) as store:
+        recorded = {s.model for s in store.scenes() if s.status == "done"}
+    assert recorded == {region.config(region.folder, model).model_hash}
+    shutil.rmtree(model)
+    shutil.copytree(texture_model, model)  # "retrained" in place
+    with pytest.raises(RunStoreError, match=r"different model;.*--force"):
+        scan(region.config(region.folder, model), run)
+    assert first.processed == len(region.ids)
+
+
+def test_a_forced_regrid_never_counts_the_same_ground_twice(folder_run, region, tiny_model, tmp_path):
+    """From 2x2-tile to 4x4-tile scenes with --force: the old scenes leave status, pending and export."""
+    from amber_hunter.export.writers import export
+    from amber_hunter.geo.tiles import scene_grid
+
+    run = shutil.copytree(folder_run, tmp_path / "run")
+    bigger = region.config(region.folder, tiny_model, scene_tiles=4)
+    scan(bigger, run, force=True)
+    new_ids = {c.scene_id for c in scene_grid(bigger.area, 18, 4)}
+    with RunStore(run) as store:
+        status = store.status()
+        ids = {s.scene_id for s in store.scenes()}
+        assert [e.message for e in store.events("regrid")] == [f"{len(region.ids)} scenes outside the new grid dropped"]
+    assert ids == new_ids and status.total == len(new_ids) and status.dropped == len(region.ids)
+    assert status.pending == 0
+    _, summary = export(run, tmp_path / "out", basemap="none")
+    assert summary.scenes_dropped == len(region.ids)
+    assert summary.scenes_scanned + summary.scenes_failed + summary.scenes_no_imagery + summary.scenes_skipped == len(new_ids)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", CLI, *args]
 
 
 def _done(run: Path) -> int:
     try:
-        db = sqlite3.connect(f"file:{run / 'run.sqlite'}?mode=ro", uri=True, timeout=1)
-        try:
-            return db.execute("SELECT COUNT(*) FROM scenes WHERE status = 'done'").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return 0  # not created yet
+        with RunStore(run) as store:
+            return store.status().done
+    except RunStoreError:
+        return 0  # not created yet, or being created
 
 
 def _start_and_wait_for_first_scene(args: list[str], run: Path) -> subprocess.Popen:
@@ -196,7 +247,7 @@ def test_an_interrupted_scan_resumes_to_the_same_results(how, folder_run, region
         with RunStore(run) as store:
             assert 0 < store.status().done and store.status().pending > 0
         rerun = subprocess.run(_cli(*args), capture_output=True, timeout=120, check=False)
-    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert rerun.returncode == 1, rerun.stderr.decode()  # the region's two bad-tile scenes fail, as they should
     assert results(run) == results(folder_run)
     if how == "ctrl-c":
         assert "interrupted after" in (run / "log.txt").read_text()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sqlite3
 
 import numpy as np
 import pytest
@@ -106,9 +105,8 @@ def test_retry_failed_requeues_only_failed_scenes(tmp_path, config):
         s = store.status()
         assert (s.done, s.failed, s.no_imagery, s.pending) == (1, 0, 1, 1)
         assert [x.error for x in store.scenes() if x.scene_id == CELLS[1].scene_id] == [None]
-    db = sqlite3.connect(tmp_path / "run" / "run.sqlite")
-    assert db.execute("SELECT message FROM events WHERE kind = 'retry-failed'").fetchall() == [("1 failed scenes requeued",)]
-    db.close()
+    with RunStore(tmp_path / "run") as store:
+        assert [e.message for e in store.events("retry-failed")] == ["1 failed scenes requeued"]
 
 
 def test_a_changed_config_is_refused_naming_the_fields(tmp_path, config):

@@ -1,4 +1,5 @@
-"""Real HTTP tile servers on 127.0.0.1 for the fetch tests, healthy or misbehaving on purpose.
+"""Real HTTP tile servers on 127.0.0.1 for the fetch tests, healthy or misbehaving on purpose, and
+the tile folders and MBTiles files they and the file sources read.
 
 The retry logic is only believable against real sockets: truncated bodies and read timeouts
 surface as different exceptions in requests/urllib3 than any mock would raise. Servers bind to
@@ -10,8 +11,10 @@ can hold up the shutdown, and slow responses wait on an event that shutdown sets
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,16 +35,21 @@ class Fault:
 
     Per path, ``failures`` bad responses come before each good one (1: every other request
     fails, starting with the first), or every response is bad if ``failures`` is None. A bad
-    response is an HTTP ``status`` (with ``retry_after`` as its Retry-After header), a body cut to
-    half its announced Content-Length (``truncate``), or the good response sent only after
-    ``delay`` seconds (``slow``).
+    response is an HTTP ``status`` (with ``retry_after`` as its Retry-After header and ``body``
+    as its body, sent as ``content_type``), a body cut to half its announced Content-Length
+    (``truncate``), the good response sent only after ``delay`` seconds (``slow``), a 302 to
+    ``location`` (``redirect``; None redirects to the same path: a loop), or the good body with
+    a Content-Length header that contradicts itself (``bad_length``).
     """
 
-    kind: Literal["status", "truncate", "slow"]
+    kind: Literal["status", "truncate", "slow", "redirect", "bad_length"]
     status: int = 500
     retry_after: str | None = None
     failures: int | None = 1
     delay: float = 0.5
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    location: str | None = None
 
     def fails(self, n: int) -> bool:
         """Whether the ``n``-th request (from 0) for a path gets a bad response."""
@@ -69,6 +77,8 @@ class TileServer(ThreadingHTTPServer):
         self.hits: Counter[str] = Counter()
         #: ``(path with query, headers)`` of every request, in arrival order.
         self.requests: list[tuple[str, dict[str, str]]] = []
+        #: ``time.monotonic()`` at the arrival of every request, in the same order.
+        self.times: list[float] = []
         self._lock = threading.Lock()
 
     @property
@@ -80,6 +90,7 @@ class TileServer(ThreadingHTTPServer):
         path = urlsplit(target).path
         with self._lock:
             self.requests.append((target, dict(headers)))
+            self.times.append(time.monotonic())
             n = self.hits[path]
             self.hits[path] += 1
             return n
@@ -107,6 +118,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(fault.status)
             if fault.retry_after is not None:
                 self.send_header("Retry-After", fault.retry_after)
+            if fault.body:
+                self.send_header("Content-Type", fault.content_type)
+            self.send_header("Content-Length", str(len(fault.body)))
+            self.end_headers()
+            self.wfile.write(fault.body)
+            return
+        if failing and fault.kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", fault.location or self.path)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -125,7 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = file.read_bytes()
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
+        bad_length = failing and fault.kind == "bad_length"
+        self.send_header("Content-Length", f"{len(body)}, {len(body) + 1}" if bad_length else str(len(body)))
         for name, value in server.extra_headers.items():
             self.send_header(name, value)
         self.end_headers()
@@ -167,4 +188,19 @@ def write_tile_folder(root: Path, tiles: Sequence[mercantile.Tile], suffix: str 
         path.parent.mkdir(parents=True, exist_ok=True)
         written[tile] = png_bytes(i)
         path.write_bytes(written[tile])
+    return written
+
+
+def write_mbtiles(path: Path, tiles: Sequence[mercantile.Tile], metadata=(("minzoom", "5"), ("maxzoom", "5"))) -> dict:
+    """Write an MBTiles file (TMS rows) with a PNG per tile, in order; return ``{tile: bytes}``."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE metadata (name text, value text)")
+    db.execute("CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)")
+    db.executemany("INSERT INTO metadata VALUES (?, ?)", metadata)
+    written = {}
+    for i, t in enumerate(tiles):
+        written[t] = png_bytes(100 + i)
+        db.execute("INSERT INTO tiles VALUES (?, ?, ?, ?)", (t.z, t.x, 2**t.z - 1 - t.y, written[t]))
+    db.commit()
+    db.close()
     return written

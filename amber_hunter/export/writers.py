@@ -22,6 +22,7 @@ from .. import atomic
 from ..errors import AreaError, ConfigError
 from ..geo.tiles import Area, Bounds, parse_geojson
 from ..geo.tiles import contains as _point_in_polygons
+from ..run.scenes import TILE_SIZE, cell_from_id
 from ..run.store import RunStore
 
 M2_PER_HA = 10_000.0
@@ -33,7 +34,9 @@ class ExportSummary:
 
     ``damaged_ha`` is the area of the positive superpixels of flagged scenes: a suspicion to check
     on the ground, not a survey. ``damaged_ha_by_year`` is keyed by capture year, ``"unknown"``
-    where the source reported no date.
+    where the source reported no date. ``scenes_partial`` counts scanned scenes with some nodata
+    (their hectares count valid pixels only); ``scenes_dropped`` counts scenes of an earlier grid
+    that a forced change of area, zoom or scene size left out.
     """
 
     scenes_scanned: int
@@ -44,6 +47,8 @@ class ExportSummary:
     scenes_no_imagery: int
     scenes_skipped: int
     scenes_pending: int
+    scenes_partial: int = 0
+    scenes_dropped: int = 0
     scenes_unlicensed: int | None = None
     superpixels_unlicensed: int | None = None
     damaged_ha_unlicensed: float | None = None
@@ -93,14 +98,27 @@ def _rectangle(b: Bounds) -> dict:
     return {"type": "Polygon", "coordinates": [ring]}
 
 
+def footprint_m2(scene_id: str) -> float:
+    """The ground area of a scene's whole footprint, in m² (at its centre latitude's scale)."""
+    cell = cell_from_id(scene_id)
+    return round((cell.size * TILE_SIZE * cell.m_per_px(TILE_SIZE)) ** 2, 1)
+
+
 def _features(store: RunStore, registry: Registry | None) -> list[dict]:
-    """A flagged scene's rectangle, then its positive superpixels, for every flagged scene."""
+    """A flagged scene's rectangle, then its positive superpixels, for every flagged scene.
+
+    A scene feature names its two areas apart, ``scene_area_m2`` (the footprint) and
+    ``positive_area_m2`` (its positive superpixels), and has no ``area_m2``: only superpixel
+    features do, so a GIS user who sums ``area_m2`` over the layer counts the damage once.
+    """
     features = []
     for scene in store.scenes(flagged_only=True):
         date = scene.capture_date.isoformat() if scene.capture_date else None
         common = {"scene_id": scene.scene_id, "capture_date": date}
         parts = [(_rectangle(scene.bounds), {**common, "kind": "scene", "probability": scene.max_probability,
-                                              "area_m2": scene.positive_area_m2, "n_positive": scene.n_positive})]
+                                              "scene_area_m2": footprint_m2(scene.scene_id),
+                                              "positive_area_m2": scene.positive_area_m2,
+                                              "valid_fraction": scene.valid_fraction, "n_positive": scene.n_positive})]
         parts += [(r.polygon, {**common, "kind": "superpixel", "label": r.label, "probability": r.probability,
                                "area_m2": r.area_m2}) for r in store.regions(scene.scene_id, positive_only=True)]
         for geometry, properties in parts:
@@ -116,7 +134,7 @@ def _summary(store: RunStore, features: list[dict], with_registry: bool) -> Expo
     scenes = [f["properties"] for f in features if f["properties"]["kind"] == "scene"]
     superpixels = [f["properties"] for f in features if f["properties"]["kind"] == "superpixel"]
     for s in scenes:
-        by_year[s["capture_date"][:4] if s["capture_date"] else "unknown"] += (s["area_m2"] or 0.0) / M2_PER_HA
+        by_year[s["capture_date"][:4] if s["capture_date"] else "unknown"] += (s["positive_area_m2"] or 0.0) / M2_PER_HA
     unlicensed = {}
     if with_registry:
         outside = [p for p in superpixels if not p["licensed"]]
@@ -134,6 +152,8 @@ def _summary(store: RunStore, features: list[dict], with_registry: bool) -> Expo
         scenes_no_imagery=status.no_imagery,
         scenes_skipped=status.skipped,
         scenes_pending=status.pending,
+        scenes_partial=status.partial,
+        scenes_dropped=status.dropped,
         **unlicensed,
     )
 
@@ -199,7 +219,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 def _popup_html(scene: dict, overlay: Path) -> str:
     lines = [f"<b>{scene['scene_id']}</b>",
              f"{scene['n_positive']} positive superpixels, max p {scene['probability']:.2f}",
-             f"{(scene['area_m2'] or 0) / M2_PER_HA:.3f} ha suspected, captured {scene['capture_date'] or 'unknown'}"]
+             f"{(scene['positive_area_m2'] or 0) / M2_PER_HA:.3f} ha suspected, captured {scene['capture_date'] or 'unknown'}"]
     if "licensed" in scene:
         lines.append("inside a licensed area" if scene["licensed"] else "<b>outside any licensed area</b>")
     if overlay.is_file():
@@ -273,8 +293,8 @@ def _map(store: RunStore, features: list[dict], basemap: str) -> str:
     scene_popup = JsCode(f"""function (feature, layer) {{
         layer.bindPopup(() => amberScenePopups[feature.properties.scene_id], {{maxWidth: {POPUP_MAX_PX}}});
     }}""")
-    tooltips = {"scene": (["scene_id", "n_positive", "probability", "area_m2"],
-                          ["scene", "positive superpixels", "max probability", "area m²"]),
+    tooltips = {"scene": (["scene_id", "n_positive", "probability", "positive_area_m2"],
+                          ["scene", "positive superpixels", "max probability", "positive area m²"]),
                 "superpixel": (["scene_id", "label", "probability", "area_m2"],
                                ["scene", "superpixel", "probability", "area m²"])}
     for kind, name in (("scene", "flagged scenes"), ("superpixel", "positive superpixels")):

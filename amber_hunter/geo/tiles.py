@@ -115,6 +115,25 @@ class SceneCell:
         return x * 360.0 - 180.0, np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * y))))
 
 
+def source_tiles(cell: SceneCell, zoom_up: int = 0) -> list[tuple[mercantile.Tile, int, int]]:
+    """The tiles ``zoom_up`` zooms above the cell's that cover it, each with its ``(row, col)``
+    offset from the cell's top-left corner in cell tiles, row-major.
+
+    A source of 512 px tiles "one zoom up" serves at zoom ``z - 1`` what a 256 px source serves at
+    zoom ``z``: the same ground at the same pixel scale, one tile for each 2x2 block. Offsets may be
+    negative when a source tile is larger than the cell; the caller crops.
+    """
+    k = zoom_up
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= cell.zoom:
+        raise ConfigError(f"zoom_up={zoom_up!r} must be a whole number from 0 to the cell's zoom {cell.zoom}")
+    last_x, last_y = (cell.x0 + cell.size - 1) >> k, (cell.y0 + cell.size - 1) >> k
+    return [
+        (mercantile.Tile(x, y, cell.zoom - k), (y << k) - cell.y0, (x << k) - cell.x0)
+        for y in range(cell.y0 >> k, last_y + 1)
+        for x in range(cell.x0 >> k, last_x + 1)
+    ]
+
+
 # --- areas -------------------------------------------------------------------------------------
 
 
@@ -150,6 +169,7 @@ def parse_geojson(obj: Mapping) -> Area:
     Accepts a FeatureCollection, a Feature or a bare geometry; the area is the union of all
     polygons. Coordinates must be lon/lat (WGS 84), as RFC 7946 requires.
     """
+    _check_crs(obj)
     polygons = tuple(_polygons(obj, "GeoJSON"))
     if not polygons:
         raise AreaError("GeoJSON has no polygons; the area must contain a Polygon or MultiPolygon")
@@ -189,9 +209,26 @@ def _polygon(coordinates: object, where: str) -> Polygon:
     return rings
 
 
+#: How to turn a projected file into what GeoJSON (RFC 7946) requires, for the error messages.
+REPROJECT_HINT = "reproject it to lon/lat, e.g. ogr2ogr -t_srs EPSG:4326 out.geojson in.geojson"
+_LONLAT_CRS = ("CRS84", "EPSG::4326", "EPSG:4326", "CRS:84")
+
+
+def _check_crs(obj: Mapping) -> None:
+    """Refuse a file that names a projected CRS (the pre-RFC 7946 ``crs`` member, as QGIS and
+    ogr2ogr still write it): its coordinates are metres, not degrees."""
+    crs = obj.get("crs") if isinstance(obj, Mapping) else None
+    name = crs.get("properties", {}).get("name") if isinstance(crs, Mapping) else None
+    if isinstance(name, str) and not name.upper().endswith(_LONLAT_CRS):
+        raise AreaError(f"GeoJSON is in {name}, a projected or non-WGS84 CRS, not lon/lat; {REPROJECT_HINT}")
+
+
 def _check_lonlat(lon: float, lat: float, where: str) -> None:
     if not (math.isfinite(lon) and math.isfinite(lat)):
         raise AreaError(f"{where}: coordinate ({lon}, {lat}) is not finite; give numbers in degrees")
+    if abs(lon) > 360 or abs(lat) > 90:
+        raise AreaError(f"{where}: coordinate ({lon:.0f}, {lat:.0f}) looks projected (metres, not degrees); "
+                        f"{REPROJECT_HINT}")
     if abs(lon) > 180 or abs(lat) > MAX_LAT:
         raise AreaError(
             f"{where}: coordinate ({lon}, {lat}) is outside Web Mercator; use lon/lat degrees (EPSG:4326) "

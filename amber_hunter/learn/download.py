@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import requests
 
 from ..errors import DatasetError
-from ..sources.fetch import TRANSIENT_ERRORS
+from ..sources import TRANSIENT_ERRORS
 from .data import TEXTY, user_data_dir
 
 #: Raw files of the upstream repository's dataset folder; manifest ``url_path``s are relative to it.
@@ -141,7 +141,7 @@ def fetch_texty(
     """
     from tqdm import tqdm
 
-    from ..sources.fetch import user_agent
+    from ..sources import user_agent
 
     manifest = manifest if manifest is not None else load_manifest()
     dest = Path(dest) if dest is not None else user_data_dir() / TEXTY

@@ -7,7 +7,7 @@ or a building roof; pit fields cover several superpixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +15,12 @@ import numpy as np
 from ..errors import ModelBundleError
 from .classify import ModelBundle, load_bundle, resolve_model
 from .embed import Embedder
-from .segment import Segmentation, segment
+from .segment import Region, Segmentation, segment
 
 MIN_POSITIVE = 2
+#: A superpixel whose bounding box is more than this share nodata is not scored: its crop would
+#: be mostly filler, unlike any crop the model was trained on.
+MAX_NODATA = 0.5
 
 
 @dataclass(frozen=True)
@@ -27,13 +30,15 @@ class SceneResult:
     flagged: bool
     n_positive: int
     n_superpixels: int
-    probabilities: list[float]
+    probabilities: list[float | None]
     positive_labels: list[int]
     threshold: float
     min_positive: int
     max_probability: float
     positive_area_px: int
     positive_area_m2: float | None = None
+    #: Superpixels left unscored because their crop is mostly nodata (probability None).
+    unscored_labels: list[int] = field(default_factory=list)
 
 
 def aggregate(
@@ -43,8 +48,13 @@ def aggregate(
     min_positive: int = MIN_POSITIVE,
     m_per_px: float | None = None,
 ) -> SceneResult:
-    """Count positive superpixels and apply the "more than ``min_positive``" rule."""
-    positive = probabilities >= threshold
+    """Count positive superpixels and apply the "more than ``min_positive``" rule.
+
+    A NaN probability marks a superpixel that was not scored: it is never positive, and its
+    probability is reported as None.
+    """
+    scored = ~np.isnan(probabilities)
+    positive = scored & (np.nan_to_num(probabilities, nan=0.0) >= threshold)
     regions = segmentation.regions
     labels = [r.label for r, p in zip(regions, positive) if p]
     area_px = int(sum(r.area_px for r, p in zip(regions, positive) if p))
@@ -52,14 +62,21 @@ def aggregate(
         flagged=bool(positive.sum() > min_positive),
         n_positive=int(positive.sum()),
         n_superpixels=len(regions),
-        probabilities=[round(float(p), 6) for p in probabilities],
+        probabilities=[round(float(p), 6) if s else None for p, s in zip(probabilities, scored)],
         positive_labels=labels,
         threshold=float(threshold),
         min_positive=int(min_positive),
-        max_probability=float(probabilities.max(initial=0.0)),
+        max_probability=float(probabilities[scored].max(initial=0.0)),
         positive_area_px=area_px,
         positive_area_m2=None if m_per_px is None else area_px * m_per_px**2,
+        unscored_labels=[r.label for r, s in zip(regions, scored) if not s],
     )
+
+
+def nodata_share(region: Region, valid: np.ndarray) -> float:
+    """Share of a superpixel's bounding box that holds no imagery."""
+    r0, c0, r1, c1 = region.bbox
+    return 1.0 - float(valid[r0:r1, c0:c1].mean())
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,8 @@ class Detection:
     result: SceneResult
     segmentation: Segmentation
     features: np.ndarray
+    #: The label of each row of ``features``: the scored superpixels, in label order.
+    feature_labels: list[int]
 
 
 class Detector:
@@ -91,13 +110,21 @@ class Detector:
         """Load ``model`` (a bundle folder or a bundled name); ``None`` is the default model."""
         return cls(load_bundle(resolve_model(model)), **options)
 
-    def run(self, image: np.ndarray, m_per_px: float | None = None) -> Detection:
-        """Segment, embed, classify and count one RGB scene."""
-        seg = segment(image, self.bundle.slic_params())
-        features = self.embedder.embed(image, seg.regions)
-        probs = self.bundle.predict_proba(features)
+    def run(self, image: np.ndarray, m_per_px: float | None = None, valid: np.ndarray | None = None) -> Detection:
+        """Segment, embed, classify and count one RGB scene.
+
+        ``valid`` marks the pixels that hold imagery (all of them when None): only they are
+        segmented, and superpixels whose crop is mostly nodata are left unscored.
+        """
+        seg = segment(image, self.bundle.slic_params(), valid)
+        regions = seg.regions if valid is None else [r for r in seg.regions if nodata_share(r, valid) <= MAX_NODATA]
+        features = self.embedder.embed(image, regions)
+        probs = np.full(len(seg.regions), np.nan)
+        if regions:
+            index = {r.label: i for i, r in enumerate(seg.regions)}
+            probs[[index[r.label] for r in regions]] = self.bundle.predict_proba(features)
         result = aggregate(probs, seg, self.bundle.metadata.threshold, self.min_positive, m_per_px)
-        return Detection(result, seg, features)
+        return Detection(result, seg, features, [r.label for r in regions])
 
     def detect(self, image: np.ndarray, m_per_px: float | None = None) -> tuple[SceneResult, Segmentation]:
         """The verdict and the superpixels, for callers that do not keep embeddings."""

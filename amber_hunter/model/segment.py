@@ -66,8 +66,13 @@ def whole_image_region(image: np.ndarray) -> Region:
     return Region(label=1, bbox=(0, 0, h, w), area_px=h * w, mask=np.ones((h, w), bool))
 
 
-def segment(image: np.ndarray, params: SlicParams = SlicParams()) -> Segmentation:
+def segment(image: np.ndarray, params: SlicParams = SlicParams(), valid: np.ndarray | None = None) -> Segmentation:
     """Run SLIC on an RGB ``uint8`` image and return its regions.
+
+    ``valid`` (boolean, image-shaped) restricts the superpixels to the pixels that hold imagery;
+    the rest get label 0 and belong to no region. The number of segments shrinks with the valid
+    share, so superpixels keep the size the model was trained on: half a scene gets about half as
+    many superpixels, not thirty squeezed into it.
 
     The image is converted to float32 first: scikit-image would otherwise work in float64 and use
     twice the memory for no gain in the segmentation.
@@ -80,13 +85,21 @@ def segment(image: np.ndarray, params: SlicParams = SlicParams()) -> Segmentatio
             f"image of {w}x{h} px is too small for {params.n_segments} superpixels; "
             "use a larger scene or fewer segments"
         )
+    n_segments = params.n_segments
+    if valid is not None:
+        if valid.shape != (h, w):
+            raise ImageError(f"validity mask of shape {valid.shape} does not match the {w}x{h} px image")
+        if not valid.any():
+            raise ImageError("the scene has no valid pixel to segment; it should have been recorded as no-imagery")
+        n_segments = max(1, round(params.n_segments * float(valid.mean())))
     labels = slic(
         image.astype(np.float32) / np.float32(255.0),
-        n_segments=params.n_segments,
+        n_segments=n_segments,
         compactness=params.compactness,
         sigma=params.sigma,
         start_label=1,
         channel_axis=-1,
+        mask=valid,
     ).astype(np.int32)
     return Segmentation(labels=labels, regions=regions_of(labels))
 

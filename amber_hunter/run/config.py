@@ -9,16 +9,48 @@ goes (workers, request rate, cache location) and may differ on every resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..errors import AreaError, ConfigError
+from ..errors import AreaError, ConfigError, ModelBundleError
 from ..geo.tiles import Area, Bounds, check_scene_tiles, check_zoom, parse_bbox, parse_geojson
+from .scenes import MIN_VALID, check_tile_size
 
-#: Settings that decide the results; a resume with other values is refused unless forced.
-FINGERPRINT_FIELDS = ("area", "zoom", "scene_tiles", "tiles", "model", "min_positive", "date_header")
-CONFIG_FORMAT = 1
+#: Settings that decide the results; a resume with other values is refused unless forced. The
+#: model counts by its content, not its path: a model retrained into the same folder, or a new
+#: bundled model after an upgrade, is a changed config.
+FINGERPRINT_FIELDS = ("area", "zoom", "scene_tiles", "tile_size", "tiles", "scheme", "model_hash", "min_positive",
+                      "min_valid", "date_header")
+#: Settings that decide which scenes make up the region; changing one (with --force) drops the
+#: scenes of the old grid from the run.
+GRID_FIELDS = ("area", "zoom", "scene_tiles")
+CONFIG_FORMAT = 2
+#: The files whose bytes make a model bundle what it is.
+BUNDLE_FILES = ("model.json", "xgb.json", "linear.json")
+
+
+def model_hash(model: str | None) -> str:
+    """A short content hash of a model bundle (``sha256`` over its files, 16 hex digits)."""
+    from ..model.classify import resolve_model  # lazily: status and export never load scikit-image
+
+    path = resolve_model(model)
+    digest = hashlib.sha256()
+    found = False
+    for name in BUNDLE_FILES:
+        try:
+            data = (path / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ModelBundleError(f"model bundle {path}: cannot read {name} ({exc}); check its permissions") from None
+        found = True
+        digest.update(name.encode() + b"\0" + data)
+    if not found:
+        raise ModelBundleError(f"model bundle {path} does not exist or is empty; train one with 'amber-hunter train' "
+                               "or omit --model")
+    return digest.hexdigest()[:16]
 
 
 def _load_area(aoi: str) -> Area:
@@ -72,6 +104,11 @@ class RunConfig:
     api_key_env: str | None = None
     date_header: str | None = None
     tile_cache: str | None = None
+    tile_size: str = "auto"
+    scheme: str | None = None
+    subdomains: str | None = None
+    min_valid: float = MIN_VALID
+    model_hash: str | None = None
     area: Area | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -91,6 +128,13 @@ class RunConfig:
             raise ConfigError(f"workers={self.workers!r} must be a whole number from 1 to 64; use e.g. --workers 2")
         if self.max_rps is not None and not (isinstance(self.max_rps, (int, float)) and self.max_rps > 0):
             raise ConfigError(f"max_rps={self.max_rps!r} must be a positive number of requests per second, e.g. --max-rps 8")
+        check_tile_size(self.tile_size)
+        if self.scheme not in (None, "xyz", "tms"):
+            raise ConfigError(f"scheme={self.scheme!r} must be xyz or tms; use --scheme tms for gdal2tiles folders")
+        if isinstance(self.min_valid, bool) or not isinstance(self.min_valid, (int, float)) or not 0 < self.min_valid <= 1:
+            raise ConfigError(f"min_valid={self.min_valid!r} must be a share above 0 and at most 1; use e.g. --min-valid 0.25")
+        if self.model_hash is None:
+            set_("model_hash", model_hash(self.model))
         if self.api_key_env is not None and not self.api_key_env.isidentifier():
             raise ConfigError(f"api_key_env={self.api_key_env!r} must be an environment variable name, not the key itself")
 
@@ -104,9 +148,10 @@ class RunConfig:
         return {name: d[name] for name in FINGERPRINT_FIELDS}
 
     def differences(self, other: RunConfig) -> list[str]:
-        """Names of the result-deciding settings in which ``other`` differs from this config."""
+        """Names of the result-deciding settings in which ``other`` differs from this config
+        (``model`` for a model of other content)."""
         mine, theirs = self.fingerprint(), other.fingerprint()
-        return [name for name in FINGERPRINT_FIELDS if mine[name] != theirs[name]]
+        return [name.removesuffix("_hash") for name in FINGERPRINT_FIELDS if mine[name] != theirs[name]]
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "area"}

@@ -18,18 +18,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from ..errors import AmberHunterError
+from ..errors import RunAbortError
 from ..geo.tiles import Bounds, SceneCell, scene_grid
 from ..model.segment import Region
-from ..sources.fetch import CachedTileSource, TileSource, open_source
+from ..sources import CachedTileSource, TileSource, open_source
 from .config import RunConfig
-from .scenes import Scene, cell_from_id, load_scene
+from .scenes import TILE_SIZE, Scene, cell_from_id, load_scene, scene_error, zoom_up
 from .store import RegionRecord, RunStatus, RunStore, SceneRecord
 
 log = logging.getLogger(__name__)
@@ -57,40 +57,64 @@ class ScanSummary:
     status: RunStatus
     interrupted: bool
     seconds: float
+    #: The commonest reasons scenes of the run failed, with counts (see RunStore.failure_reasons).
+    failures: list[tuple[str, int]] = field(default_factory=list)
 
 
 # --- per scene ---------------------------------------------------------------------------------
 
 
-def region_outline(region: Region, cell: SceneCell) -> dict:
-    """A superpixel's outline as a GeoJSON Polygon in lon/lat (exterior ring only, counter-clockwise).
+def _ring(contour: np.ndarray, offset: tuple[int, int], cell: SceneCell, side: int, ccw: bool) -> list:
+    """One closed contour of a crop as a lon/lat ring, simplified, inside the scene, wound ``ccw``."""
+    from skimage.measure import approximate_polygon
 
-    The contour runs along pixel edges (level 0.5 between inside and outside pixel centres), so
-    pixel index ``i`` of the padded mask sits at continuous coordinate ``i - 1 + 0.5`` of the crop.
-    """
-    from skimage.measure import approximate_polygon, find_contours
-
-    contour = max(find_contours(np.pad(region.mask, 1).astype(np.float32), 0.5), key=len)
     simplified = approximate_polygon(contour, SIMPLIFY_PX)
     ring = simplified if len(simplified) >= 4 else contour
-    r0, c0 = region.bbox[:2]
-    lon, lat = cell.pixel_to_lonlat(ring[:, 0] + r0 - 0.5, ring[:, 1] + c0 - 0.5)
-    x, y = np.round(lon, 7), np.round(lat, 7)
-    if np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) < 0:  # shoelace: negative means clockwise
+    # Padded index i is crop pixel i - 1, and level 0.5 runs along pixel edges: edge coordinate i - 0.5.
+    rows = np.clip(ring[:, 0] + offset[0] - 0.5, 0, side)
+    cols = np.clip(ring[:, 1] + offset[1] - 0.5, 0, side)
+    lon, lat = cell.pixel_to_lonlat(rows, cols)
+    b = cell.bounds
+    x, y = np.clip(np.round(lon, 7), b.west, b.east), np.clip(np.round(lat, 7), b.south, b.north)
+    if (np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) > 0) != ccw:  # shoelace: positive is counter-clockwise
         x, y = x[::-1], y[::-1]
-    return {"type": "Polygon", "coordinates": [np.column_stack([x, y]).tolist()]}
+    return np.column_stack([x, y]).tolist()
 
 
-def _region_record(region: Region, probability: float, positive: bool, cell: SceneCell, m_per_px: float) -> RegionRecord:
+def region_outline(region: Region, cell: SceneCell) -> dict:
+    """A superpixel's outline as a GeoJSON Polygon in lon/lat: its outer ring counter-clockwise,
+    then one clockwise ring per hole (RFC 7946), every vertex inside the scene.
+
+    A superpixel can wrap around another (a pond inside a pit field), and an outline without the
+    hole would claim the inner one's ground too. The contour runs along pixel edges (level 0.5
+    between inside and outside pixel centres) of the mask padded by one pixel.
+    """
+    from skimage.measure import find_contours
+
+    contours = find_contours(np.pad(region.mask, 1).astype(np.float32), 0.5)
+    areas = [abs(np.dot(c[:-1, 0], c[1:, 1]) - np.dot(c[1:, 0], c[:-1, 1])) / 2 for c in contours]
+    outer = int(np.argmax(areas))
+    side = cell.size * TILE_SIZE
+    offset = region.bbox[:2]
+    rings = [_ring(contours[outer], offset, cell, side, ccw=True)]
+    # Other closed contours of a connected superpixel are its holes' edges; open or tiny ones are noise.
+    rings += [_ring(c, offset, cell, side, ccw=False) for i, c in enumerate(contours)
+              if i != outer and areas[i] >= 1.0 and np.allclose(c[0], c[-1])]
+    return {"type": "Polygon", "coordinates": rings}
+
+
+def _region_record(region: Region, probability: float | None, positive: bool, cell: SceneCell, m_per_px: float,
+                   note: str | None = None) -> RegionRecord:
     r0, c0, r1, c1 = region.bbox
     (west, east), (north, south) = cell.pixel_to_lonlat(np.array([r0, r1]), np.array([c0, c1]))
     return RegionRecord(
         label=region.label,
-        probability=float(probability),
+        probability=probability,
         positive=positive,
         area_m2=round(region.area_px * m_per_px**2, 3),
         bbox=Bounds(float(west), float(south), float(east), float(north)),
         polygon=region_outline(region, cell) if positive else None,
+        note=note,
     )
 
 
@@ -102,62 +126,82 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
     return np.asarray(picture)
 
 
-def analyse(scene: Scene, detector) -> SceneRecord:
-    """Detect mining in a loaded scene and gather everything the store keeps about it."""
-    from ..model.detect import overlay
+def analyse(scene: Scene, detector, model: str | None = None) -> SceneRecord:
+    """Detect mining in a loaded scene and gather everything the store keeps about it.
 
+    Any error while detecting fails this scene only, with its reason recorded: one odd scene must
+    not stop a night's run. Whole-run failures (:class:`RunAbortError`) still stop it.
+    """
+    from ..model.detect import MAX_NODATA, overlay
+
+    common = {"capture_date": scene.capture_date, "valid_fraction": scene.valid_fraction}
     if scene.status != "ok":
-        return SceneRecord(scene.scene_id, scene.status, scene.bounds, error=scene.reason, capture_date=scene.capture_date)
+        return SceneRecord(scene.scene_id, scene.status, scene.bounds, error=scene.reason, **common)
     m_per_px = scene.m_per_px
     try:
-        detection = detector.run(scene.image, m_per_px)
-    except AmberHunterError as exc:
-        return SceneRecord(scene.scene_id, "failed", scene.bounds, error=str(exc), capture_date=scene.capture_date)
-    result, seg = detection.result, detection.segmentation
-    positive = set(result.positive_labels)  # aggregate's decision, not a second one on rounded values
-    regions = tuple(
-        _region_record(region, p, region.label in positive, scene.cell, m_per_px)
-        for region, p in zip(seg.regions, result.probabilities)
-    )
+        detection = detector.run(scene.image, m_per_px, scene.valid)
+        result, seg = detection.result, detection.segmentation
+        positive = set(result.positive_labels)  # aggregate's decision, not a second one on rounded values
+        unscored = set(result.unscored_labels)
+        note = f"crop more than {MAX_NODATA:.0%} nodata, not scored"
+        regions = tuple(
+            _region_record(region, p, region.label in positive, scene.cell, m_per_px,
+                           note if region.label in unscored else None)
+            for region, p in zip(seg.regions, result.probabilities)
+        )
+        picture = _thumbnail(overlay(scene.image, seg, result)) if result.flagged else None
+    except RunAbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad scene never stops a night's run
+        return SceneRecord(scene.scene_id, "failed", scene.bounds, error=scene_error(exc), **common)
     return SceneRecord(
         scene.scene_id,
         "done",
         scene.bounds,
-        capture_date=scene.capture_date,
         result=result,
         regions=regions,
         embeddings=detection.features,
+        embedding_labels=tuple(detection.feature_labels),
         embedder=detector.embedder.name,
-        overlay=_thumbnail(overlay(scene.image, seg, result)) if result.flagged else None,
+        overlay=picture,
+        model=model,
+        **common,
     )
 
 
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def prefetch(cells: Iterable[SceneCell], source: TileSource, workers: int) -> Iterator[Scene]:
+def prefetch(cells: Iterable[SceneCell], source: TileSource, workers: int, **options) -> Iterator[Scene]:
     """Load scenes in a pool of ``workers`` threads, yielding them in order.
 
     At most ``workers`` scenes are being fetched or waiting while the caller works on the one it
     was given, so memory is bounded by ``workers + 1`` scenes whatever the number of cells.
+    ``options`` go to :func:`load_scene`. When the caller stops early (a second Ctrl-C, a
+    whole-run error), the source is cancelled, so threads asleep in a retry back-off wake up at
+    once, and the pool is left without waiting for them.
     """
-    with ThreadPoolExecutor(workers, thread_name_prefix="amber-fetch") as pool:
-        window = deque()
-        try:
-            for cell in cells:
-                window.append(pool.submit(load_scene, cell, source))
-                if len(window) > workers:
-                    yield window.popleft().result()
-            while window:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="amber-fetch")
+    window: deque = deque()
+    finished = False
+    try:
+        for cell in cells:
+            window.append(pool.submit(load_scene, cell, source, **options))
+            if len(window) > workers:
                 yield window.popleft().result()
-        finally:
-            for future in window:
-                future.cancel()
+        while window:
+            yield window.popleft().result()
+        finished = True
+    finally:
+        if not finished:
+            source.cancel()
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def open_tiles(config: RunConfig, store: RunStore) -> TileSource:
     """The config's tile source; HTTP sources go through the on-disk tile cache."""
-    source = open_source(config.tiles, max_rps=config.max_rps, api_key_env=config.api_key_env, date_header=config.date_header)
+    source = open_source(config.tiles, max_rps=config.max_rps, api_key_env=config.api_key_env,
+                         date_header=config.date_header, subdomains=config.subdomains, scheme=config.scheme)
     if config.is_http:
         return CachedTileSource(source, config.tile_cache or store.tile_cache_dir)
     return source
@@ -228,33 +272,43 @@ def scan(
         # not after a night of failed scenes.
         detector = Detector.load(config.model, min_positive=config.min_positive)
         with open_tiles(config, store) as source, _stop_request() as stop:
-            source.check_zoom(config.zoom)
-            store.add_scenes(scene_grid(config.area, config.zoom, config.scene_tiles))
+            source.check_zoom(config.zoom - zoom_up(config.tile_size))
+            dropped = store.add_scenes(scene_grid(config.area, config.zoom, config.scene_tiles))
+            if dropped:
+                log.info("%d scenes of an earlier grid are dropped from this run", dropped)
             if retry_failed:
                 log.info("requeued %d failed scenes", store.retry_failed())
             total = store.status().pending
             log.info("scan %s: %d scenes pending, tiles from %s, model %s", store.run_dir, total, source.describe(),
                      config.model or "default")
             bar = progress(total) if progress else None
+            cells = (cell_from_id(i) for i in store.pending())
+            scenes = prefetch(cells, source, config.workers, tile_size=config.tile_size, min_valid=config.min_valid)
             try:
-                for scene in prefetch((cell_from_id(i) for i in store.pending()), source, config.workers):
-                    record = analyse(scene, detector)
-                    store.record(record)
-                    processed += 1
-                    if record.status != "done":
-                        log.info("scene %s %s: %s", record.scene_id, record.status, record.error)
-                    elif record.result.flagged:
-                        log.info("scene %s flagged: %d positive superpixels", record.scene_id, record.result.n_positive)
-                    if bar:
-                        bar.update()
-                    if stop.is_set():
-                        interrupted = True
-                        break
+                with contextlib.closing(scenes):  # closed at once on any exit: fetch threads are cancelled
+                    for scene in scenes:
+                        record = analyse(scene, detector, config.model_hash)
+                        store.record(record)
+                        processed += 1
+                        if record.status != "done":
+                            log.info("scene %s %s: %s", record.scene_id, record.status, record.error)
+                        elif record.result.flagged:
+                            log.info("scene %s flagged: %d positive superpixels", record.scene_id, record.result.n_positive)
+                        if bar:
+                            bar.update()
+                        if stop.is_set():
+                            interrupted = True
+                            break
+            except RunAbortError as exc:
+                store.note("abort", f"stopped after {processed} scenes: {exc}")
+                log.error("stopped after %d scenes: %s", processed, exc)
+                raise
             finally:
                 if bar:
                     bar.close()
         status = store.status()
+        failures = store.failure_reasons()
         store.note("stop", f"{'interrupted' if interrupted else 'finished'} after {processed} scenes")
         log.info("%s after %d scenes: %d done, %d failed, %d pending, %d flagged", "interrupted" if interrupted else "finished",
                  processed, status.done, status.failed, status.pending, status.flagged)
-    return ScanSummary(Path(run_dir), processed, status, interrupted, time.monotonic() - started)
+    return ScanSummary(Path(run_dir), processed, status, interrupted, time.monotonic() - started, failures)

@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # detect pulls in scikit-image; status and export do not need
 
 StoredStatus = Literal["pending", "done", "failed", "no-imagery", "skipped"]
 _PAGE = 1000
+#: ``PRAGMA user_version`` of the schema below; a run made with another one is refused.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS scenes (
@@ -57,17 +59,21 @@ CREATE TABLE IF NOT EXISTS scenes (
     positive_area_m2 REAL,
     capture_date TEXT,
     bounds TEXT,
+    valid_fraction REAL,
+    model TEXT,
+    in_grid INTEGER NOT NULL DEFAULT 1,
     updated_at REAL
 );
 CREATE INDEX IF NOT EXISTS scenes_by_status ON scenes (status);
 CREATE TABLE IF NOT EXISTS regions (
     scene_id TEXT NOT NULL,
     label INTEGER NOT NULL,
-    probability REAL NOT NULL,
+    probability REAL,
     positive INTEGER NOT NULL,
     area_m2 REAL NOT NULL,
     bbox TEXT NOT NULL,
     polygon TEXT,
+    note TEXT,
     PRIMARY KEY (scene_id, label)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -77,20 +83,26 @@ CREATE TABLE IF NOT EXISTS events (
     scene_id TEXT,
     message TEXT
 );
+CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, ts);
 """
 
 
 @dataclass(frozen=True)
 class RegionRecord:
     """One superpixel's verdict: ``bbox`` in lon/lat; ``polygon`` (a GeoJSON Polygon geometry) is
-    kept for positive superpixels only, as outlines of all of them would dwarf the rest of the run."""
+    kept for positive superpixels only, as outlines of all of them would dwarf the rest of the run.
+
+    ``area_m2`` counts the superpixel's valid pixels only. ``probability`` is None for a
+    superpixel left unscored, and ``note`` says why (its crop is mostly nodata, say).
+    """
 
     label: int
-    probability: float
+    probability: float | None
     positive: bool
     area_m2: float
     bbox: Bounds
     polygon: dict | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,12 @@ class SceneRecord:
     embeddings: np.ndarray | None = None
     embedder: str | None = None
     overlay: np.ndarray | None = None
+    #: Share of the scene's pixels that hold imagery; below 1 the scene is partial.
+    valid_fraction: float | None = None
+    #: Content hash of the model that scored the scene.
+    model: str | None = None
+    #: The labels of the rows of ``embeddings`` (the scored superpixels).
+    embedding_labels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,11 +146,27 @@ class StoredScene:
     positive_area_m2: float | None
     capture_date: dt.date | None
     bounds: Bounds | None
+    valid_fraction: float | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One line of the run's history: when (a Unix time), what, and about which scene."""
+
+    ts: float
+    kind: str
+    scene_id: str | None
+    message: str | None
 
 
 @dataclass(frozen=True)
 class RunStatus:
-    """Scene counts by status, flagged scenes, and the speed of the latest session (scenes/s)."""
+    """Scene counts by status, flagged scenes, and the speed of the latest session (scenes/s).
+
+    Scenes dropped from the grid by a forced change of area, zoom or scene size are not counted
+    (``dropped`` says how many there are). ``partial`` counts done scenes with some nodata.
+    """
 
     total: int
     pending: int
@@ -142,6 +176,8 @@ class RunStatus:
     skipped: int
     flagged: int
     rate: float | None
+    partial: int = 0
+    dropped: int = 0
 
 
 def _hint(exc: BaseException) -> str:
@@ -178,16 +214,19 @@ class RunStore:
         self.log_path = self.run_dir / "log.txt"
         #: Where downloaded tiles are kept unless the config names a shared cache.
         self.tile_cache_dir = self.run_dir / "tiles-cache"
+        self._regrid = False
         if config is None and not self.db_path.is_file():
             raise RunStoreError(f"{self.run_dir} is not a run directory (no run.sqlite); start one with 'amber-hunter scan --run {self.run_dir}'")
         with self._guard("open the run directory"):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.db_path, timeout=30)
             try:
+                self._check_schema()
                 if config is not None:
                     self._db.execute("PRAGMA journal_mode=WAL")
                     self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across kill -9
                     self._db.executescript(_SCHEMA)
+                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     self._adopt(config, force)
             except BaseException:
                 self._db.close()
@@ -212,10 +251,22 @@ class RunStore:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def _check_schema(self) -> None:
+        """Refuse a run directory written by a version of amber-hunter with another schema."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'scenes'").fetchone()
+        if has_tables and version != SCHEMA_VERSION:
+            raise RunStoreError(f"{self.run_dir} was written by another version of amber-hunter (schema {version}, "
+                                f"this one reads {SCHEMA_VERSION}); start a new run directory")
+
     def _adopt(self, config: RunConfig, force: bool) -> None:
         """Write the config of a new run, or check a resumed run's config against the stored one."""
+        from .config import GRID_FIELDS
+
         stored = self.config if self.config_path.is_file() else None
         changed = [] if stored is None else stored.differences(config)
+        #: A forced change of the grid: add_scenes drops the scenes of the old one.
+        self._regrid = any(name in GRID_FIELDS for name in changed)
         if changed and not force:
             raise RunStoreError(
                 f"{self.run_dir} was started with a different {', '.join(changed)}; rerun with the original "
@@ -240,12 +291,26 @@ class RunStore:
         except (OSError, json.JSONDecodeError) as exc:
             raise RunStoreError(f"{self.config_path} is unreadable ({exc}); start a new run directory") from None
 
-    def add_scenes(self, cells: Iterable[SceneCell]) -> None:
-        """Register scenes as pending; scenes already known keep their status."""
+    def add_scenes(self, cells: Iterable[SceneCell]) -> int:
+        """Register the scenes of the grid as pending; scenes already known keep their status.
+
+        After a forced change of area, zoom or scene size, the scenes that are not in the new grid
+        are dropped in the same transaction: they leave status, pending and export, so no ground
+        is counted twice. Their rows stay, marked, for the record. Returns how many were dropped.
+        """
+        regrid = self._regrid
         with self._guard("register scenes"), self._db:
+            if regrid:
+                self._db.execute("UPDATE scenes SET in_grid = 0")
             self._db.executemany(
-                "INSERT OR IGNORE INTO scenes (scene_id, status) VALUES (?, 'pending')", ((c.scene_id,) for c in cells)
+                "INSERT INTO scenes (scene_id, status) VALUES (?, 'pending') ON CONFLICT (scene_id) DO UPDATE SET in_grid = 1",
+                ((c.scene_id,) for c in cells),
             )
+            dropped = self._db.execute("SELECT COUNT(*) FROM scenes WHERE NOT in_grid").fetchone()[0]
+            if regrid:
+                self._event("regrid", message=f"{dropped} scenes outside the new grid dropped")
+        self._regrid = False
+        return dropped
 
     def retry_failed(self) -> int:
         """Put the scenes that failed (an outage, a rate limit that outlasted the retries) back in
@@ -253,7 +318,8 @@ class RunStore:
         them again would give the same answer. Returns how many were requeued."""
         with self._guard("requeue failed scenes"), self._db:
             n = self._db.execute(
-                "UPDATE scenes SET status = 'pending', error = NULL, updated_at = ? WHERE status = 'failed'", (time.time(),)
+                "UPDATE scenes SET status = 'pending', error = NULL, updated_at = ? WHERE status = 'failed' AND in_grid",
+                (time.time(),),
             ).rowcount
             if n:
                 self._event("retry-failed", message=f"{n} failed scenes requeued")
@@ -266,7 +332,8 @@ class RunStore:
         while True:
             with self._guard("read pending scenes"):
                 rows = self._db.execute(
-                    "SELECT rowid, scene_id FROM scenes WHERE status = 'pending' AND rowid > ? ORDER BY rowid LIMIT ?",
+                    "SELECT rowid, scene_id FROM scenes WHERE status = 'pending' AND in_grid AND rowid > ? "
+                    "ORDER BY rowid LIMIT ?",
                     (last, _PAGE),
                 ).fetchall()
             if not rows:
@@ -283,9 +350,12 @@ class RunStore:
 
         vectors = np.ascontiguousarray(record.embeddings, np.float32)
         n, dim = vectors.shape
+        labels = record.embedding_labels or tuple(r.label for r in record.regions)
+        if len(labels) != n:
+            raise ValueError(f"scene {record.scene_id}: {n} embeddings for {len(labels)} labels")
         table = pa.table({
             "scene_id": pa.array([record.scene_id] * n, pa.string()),
-            "label": pa.array([r.label for r in record.regions], pa.int32()),
+            "label": pa.array(labels, pa.int32()),
             "embedder": pa.array([record.embedder] * n, pa.string()),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         })
@@ -304,25 +374,29 @@ class RunStore:
             with self._db:
                 self._db.execute(
                     """INSERT INTO scenes (scene_id, status, error, flagged, n_positive, n_superpixels, max_probability,
-                                           positive_area_m2, capture_date, bounds, updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                           positive_area_m2, capture_date, bounds, valid_fraction, model, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT (scene_id) DO UPDATE SET
                            status = excluded.status, error = excluded.error, flagged = excluded.flagged,
                            n_positive = excluded.n_positive, n_superpixels = excluded.n_superpixels,
                            max_probability = excluded.max_probability, positive_area_m2 = excluded.positive_area_m2,
-                           capture_date = excluded.capture_date, bounds = excluded.bounds, updated_at = excluded.updated_at""",
+                           capture_date = excluded.capture_date, bounds = excluded.bounds,
+                           valid_fraction = excluded.valid_fraction, model = excluded.model,
+                           updated_at = excluded.updated_at""",
                     (
                         record.scene_id, record.status, record.error, int(bool(r and r.flagged)),
                         r and r.n_positive, r and r.n_superpixels, r and r.max_probability, r and r.positive_area_m2,
-                        record.capture_date and record.capture_date.isoformat(), _bounds_json(record.bounds), time.time(),
+                        record.capture_date and record.capture_date.isoformat(), _bounds_json(record.bounds),
+                        record.valid_fraction, record.model, time.time(),
                     ),
                 )
                 self._db.execute("DELETE FROM regions WHERE scene_id = ?", (record.scene_id,))
                 self._db.executemany(
-                    "INSERT INTO regions (scene_id, label, probability, positive, area_m2, bbox, polygon) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO regions (scene_id, label, probability, positive, area_m2, bbox, polygon, note) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (record.scene_id, g.label, g.probability, int(g.positive), g.area_m2, _bounds_json(g.bbox),
-                         None if g.polygon is None else json.dumps(g.polygon))
+                         None if g.polygon is None else json.dumps(g.polygon), g.note)
                         for g in record.regions
                     ],
                 )
@@ -338,8 +412,11 @@ class RunStore:
     def status(self) -> RunStatus:
         """Counts per status and the latest session's rate, from scene rows and event times."""
         with self._guard("read the run status"):
-            counts = dict(self._db.execute("SELECT status, COUNT(*) FROM scenes GROUP BY status").fetchall())
-            flagged = self._db.execute("SELECT COUNT(*) FROM scenes WHERE status = 'done' AND flagged").fetchone()[0]
+            counts = dict(self._db.execute("SELECT status, COUNT(*) FROM scenes WHERE in_grid GROUP BY status").fetchall())
+            flagged, partial, dropped = self._db.execute(
+                "SELECT SUM(in_grid AND status = 'done' AND flagged), SUM(in_grid AND status = 'done' AND valid_fraction < 1), "
+                "SUM(NOT in_grid) FROM scenes"
+            ).fetchone()
             # The latest session that processed scenes: a rerun with nothing pending leaves the rate
             # of the session that did the work. Timing from its first to its last scene leaves out
             # the model loading, which would make short runs look slow.
@@ -357,33 +434,59 @@ class RunStore:
             failed=counts.get("failed", 0),
             no_imagery=counts.get("no-imagery", 0),
             skipped=counts.get("skipped", 0),
-            flagged=flagged,
+            flagged=flagged or 0,
             rate=(n - 1) / (last - first) if n >= 2 and last > first else None,
+            partial=partial or 0,
+            dropped=dropped or 0,
         )
+
+    def failure_reasons(self, top: int = 5) -> list[tuple[str, int]]:
+        """The commonest reasons scenes failed, most frequent first, with their counts.
+
+        Reasons are grouped with their tile addresses blanked out (``tile z/x/y: HTTP 500``), so a
+        night of one outage reads as one line, not thousands.
+        """
+        import re
+
+        counts: dict[str, int] = {}
+        with self._guard("read failure reasons"):
+            for (error,) in self._db.execute("SELECT error FROM scenes WHERE status = 'failed' AND in_grid"):
+                key = re.sub(r"https?://\S*?(?=:?\s)", "<tile url>", error or "unknown error")
+                key = re.sub(r"\b\d+/\d+/\d+\b", "z/x/y", key)
+                counts[key] = counts.get(key, 0) + 1
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 
     def scenes(self, *, flagged_only: bool = False) -> Iterator[StoredScene]:
         """Scene rows in grid order; ``flagged_only`` gives the done scenes that were flagged."""
-        where = "WHERE status = 'done' AND flagged" if flagged_only else ""
+        where = "WHERE in_grid AND status = 'done' AND flagged" if flagged_only else "WHERE in_grid"
         with self._guard("read scenes"):
             rows = self._db.execute(
                 "SELECT scene_id, status, error, flagged, n_positive, n_superpixels, max_probability, positive_area_m2, "
-                f"capture_date, bounds FROM scenes {where} ORDER BY rowid"
+                f"capture_date, bounds, valid_fraction, model FROM scenes {where} ORDER BY rowid"
             )
             for row in rows:
-                *head, date, bounds = row
+                *head, date, bounds, valid_fraction, model = row
                 head[3] = bool(head[3])
-                yield StoredScene(*head, dt.date.fromisoformat(date) if date else None, _bounds(bounds))
+                yield StoredScene(*head, dt.date.fromisoformat(date) if date else None, _bounds(bounds), valid_fraction, model)
 
     def regions(self, scene_id: str, *, positive_only: bool = False) -> list[RegionRecord]:
         """The superpixels stored for a scene, by label."""
         where = " AND positive" if positive_only else ""
         with self._guard(f"read regions of {scene_id}"):
             rows = self._db.execute(
-                f"SELECT label, probability, positive, area_m2, bbox, polygon FROM regions WHERE scene_id = ?{where} ORDER BY label",
+                f"SELECT label, probability, positive, area_m2, bbox, polygon, note FROM regions WHERE scene_id = ?{where} "
+                "ORDER BY label",
                 (scene_id,),
             ).fetchall()
-        return [RegionRecord(label, p, bool(pos), area, _bounds(bbox), None if poly is None else json.loads(poly))
-                for label, p, pos, area, bbox, poly in rows]
+        return [RegionRecord(label, p, bool(pos), area, _bounds(bbox), None if poly is None else json.loads(poly), note)
+                for label, p, pos, area, bbox, poly, note in rows]
+
+    def events(self, kind: str | None = None) -> list[StoredEvent]:
+        """The run's events in time order (starts, scenes, stops, regrids…), or those of one kind."""
+        where, params = ("WHERE kind = ?", (kind,)) if kind else ("", ())
+        with self._guard("read events"):
+            rows = self._db.execute(f"SELECT ts, kind, scene_id, message FROM events {where} ORDER BY id", params).fetchall()
+        return [StoredEvent(*row) for row in rows]
 
     def embeddings(self):
         """All stored embeddings as one ``pyarrow.Table`` (scene_id, label, embedder, vector), for
