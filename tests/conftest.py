@@ -232,3 +232,12 @@ def counting_embedder():
 @pytest.fixture
 def counting_embedder_cls():
     return CountingEmbedder
+
+
+@pytest.fixture
+def tile_dir(tmp_path):
+    """A folder of random PNG tiles for ``tile_servers.TILES``: ``(root, {tile: bytes})``."""
+    from tile_servers import TILES, write_tile_folder
+
+    root = tmp_path / "tiles"
+    return root, write_tile_folder(root, TILES)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mercantile
 import pytest
-from tile_servers import Fault, tile_server, write_mbtiles, write_tile_folder
+from tile_servers import FAST, SECRET, TILES, Fault, tile_server, write_mbtiles
 
 import amber_hunter.sources
 from amber_hunter.errors import (
@@ -41,16 +41,7 @@ from amber_hunter.sources import (
     parse_retry_after,
 )
 
-TILES = [mercantile.Tile(x, y, 5) for x in (17, 18) for y in (10, 11)]
 TILE = TILES[0]
-SECRET = "s3cr3t/key+42"
-FAST = {"base_delay": 0.01, "timeout": (2.0, 2.0)}
-
-
-@pytest.fixture
-def tile_dir(tmp_path):
-    root = tmp_path / "tiles"
-    return root, write_tile_folder(root, TILES)
 
 
 def template(server, keyed=False):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mercantile
 import pytest
-from tile_servers import png_bytes, write_mbtiles, write_tile_folder
+from tile_servers import png_bytes, tilemap_xml, write_mbtiles, write_tile_folder
 
 from amber_hunter.errors import ConfigError, TileSourceError
 from amber_hunter.sources import (
@@ -18,23 +18,6 @@ from amber_hunter.sources import (
 )
 
 TILES = [mercantile.Tile(x, y, 5) for x in (17, 18) for y in (10, 11)]
-
-
-def tilemap_xml(profile="mercator", srs="EPSG:3857", extension="png", width=256, height=256) -> str:
-    """A tilemapresource.xml as gdal2tiles writes it (without --xyz)."""
-    return f"""<?xml version="1.0" encoding="utf-8"?>
-    <TileMap version="1.0.0" tilemapservice="http://tms.osgeo.org/1.0.0">
-      <Title>area.tif</Title>
-      <Abstract></Abstract>
-      <SRS>{srs}</SRS>
-      <BoundingBox minx="10.0" miny="50.0" maxx="11.0" maxy="51.0"/>
-      <Origin x="10.0" y="50.0"/>
-      <TileFormat width="{width}" height="{height}" mime-type="image/{extension}" extension="{extension}"/>
-      <TileSets profile="{profile}">
-        <TileSet href="5" units-per-pixel="4891.96981025000" order="5"/>
-      </TileSets>
-    </TileMap>
-    """
 
 
 def write_tms_folder(root, tiles, suffix=".png") -> dict:

@@ -17,7 +17,7 @@ import mercantile
 import numpy as np
 import pytest
 from PIL import Image
-from tile_servers import tile_server
+from tile_servers import tile_server, tilemap_xml
 
 from amber_hunter.geo.tiles import SceneCell
 from amber_hunter.images import read_rgb
@@ -104,26 +104,11 @@ def test_512_tiles_one_zoom_up_give_the_same_results(demo, baseline, tmp_path):
     assert _scan(demo, str(tmp_path / "tiles"), tmp_path / "run", tile_size="512") == baseline
 
 
-TILEMAP = """<?xml version="1.0" encoding="utf-8"?>
-<TileMap version="1.0.0" tilemapservice="http://tms.osgeo.org/1.0.0">
-  <Title>demo.tif</Title>
-  <Abstract></Abstract>
-  <SRS>EPSG:3857</SRS>
-  <BoundingBox minx="50.6" miny="26.2" maxx="50.7" maxy="26.3"/>
-  <Origin x="-20037508.342789" y="-20037508.342789"/>
-  <TileFormat width="256" height="256" mime-type="image/png" extension="png"/>
-  <TileSets profile="mercator">
-    <TileSet href="18" units-per-pixel="0.59716428355981" order="18"/>
-  </TileSets>
-</TileMap>
-"""
-
-
 def test_a_gdal2tiles_tms_folder_gives_the_same_results(demo, baseline, tmp_path):
     """gdal2tiles numbers rows from the south and says so in tilemapresource.xml."""
     for t, pixels in _tiles(demo).items():
         _save(tmp_path / "tms" / "18" / str(t.x) / f"{2**18 - 1 - t.y}.png", pixels)
-    (tmp_path / "tms" / "tilemapresource.xml").write_text(TILEMAP)
+    (tmp_path / "tms" / "tilemapresource.xml").write_text(tilemap_xml())
     assert _scan(demo, str(tmp_path / "tms"), tmp_path / "run") == baseline
 
 

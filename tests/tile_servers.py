@@ -204,3 +204,28 @@ def write_mbtiles(path: Path, tiles: Sequence[mercantile.Tile], metadata=(("minz
     db.commit()
     db.close()
     return written
+
+
+#: A 2x2 block of zoom-5 tiles, the source tests' little world.
+TILES = [mercantile.Tile(x, y, 5) for x in (17, 18) for y in (10, 11)]
+#: An API key with characters that need URL quoting, which must never appear in any message.
+SECRET = "s3cr3t/key+42"
+#: Source options that keep retries and timeouts short in tests.
+FAST = {"base_delay": 0.01, "timeout": (2.0, 2.0)}
+
+
+def tilemap_xml(profile="mercator", srs="EPSG:3857", extension="png", width=256, height=256) -> str:
+    """A ``tilemapresource.xml`` as gdal2tiles writes it beside a TMS tile folder (without --xyz)."""
+    return f"""<?xml version="1.0" encoding="utf-8"?>
+    <TileMap version="1.0.0" tilemapservice="http://tms.osgeo.org/1.0.0">
+      <Title>area.tif</Title>
+      <Abstract></Abstract>
+      <SRS>{srs}</SRS>
+      <BoundingBox minx="10.0" miny="50.0" maxx="11.0" maxy="51.0"/>
+      <Origin x="10.0" y="50.0"/>
+      <TileFormat width="{width}" height="{height}" mime-type="image/{extension}" extension="{extension}"/>
+      <TileSets profile="{profile}">
+        <TileSet href="5" units-per-pixel="4891.96981025000" order="5"/>
+      </TileSets>
+    </TileMap>
+    """
