@@ -43,7 +43,7 @@ def demo(script, data_root, tmp_path_factory):
 def test_demo_writes_the_export_and_prints_where_the_map_is(demo):
     out, _, code, stdout = demo
     assert code == 0, stdout
-    assert "3 flagged (positive1, positive2, positive3)" in stdout
+    assert "3 flagged (positive1.png, positive2.png, positive3.png)" in stdout
     export_dir = out / "demo-export"
     assert {p.name for p in export_dir.iterdir()} >= {"map.html", "detections.geojson", "summary.json"}
     summary = json.loads((export_dir / "summary.json").read_text())

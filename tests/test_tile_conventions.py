@@ -157,10 +157,10 @@ def test_transparent_parts_are_left_out_and_the_pits_are_still_found(demo, basel
         if t in scene.cell.tiles:
             valid_px += int((alpha > 0).sum())
         _save(tmp_path / "rgba" / str(t.z) / str(t.x) / f"{t.y}.png", np.dstack([tiles[t], alpha]))
-    west, south, east, north = scene.cell.bounds
-    b = blank.cell.bounds
+    a, b = scene.cell.bounds, blank.cell.bounds
     eps = 1e-7
-    aoi = f"{min(west, b.west) + eps},{min(south, b.south) + eps},{max(east, b.east) - eps},{max(north, b.north) - eps}"
+    aoi = (f"{min(a.west, b.west) + eps},{min(a.south, b.south) + eps},"
+           f"{max(a.east, b.east) - eps},{max(a.north, b.north) - eps}")
     cells_between = {c.scene_id for c in (s.cell for s in demo.scenes)
                      if min(scene.cell.x0, blank.cell.x0) <= c.x0 <= max(scene.cell.x0, blank.cell.x0)}
     scan(RunConfig(aoi=aoi, tiles=str(tmp_path / "rgba"), zoom=18, scene_tiles=4), tmp_path / "run")
