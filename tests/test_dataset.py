@@ -1,5 +1,6 @@
-"""Datasets: study file names, labels CSVs, content hashes, the embedding cache, and the splits
-that keep a scene on one side (grouped, spatial) or reproduce the study's (seed-split)."""
+"""Datasets: study file names, labels CSVs, content hashes, the embedding cache, footprint groups
+(overlapping or touching scenes), and the splits that keep such a group on one side (grouped,
+spatial) or reproduce the study's (seed-split)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,18 @@ import pytest
 from amber_hunter.errors import DatasetError, LabelsError
 from amber_hunter.images import write_png
 from amber_hunter.learn.cache import EmbeddingCache, embed_files, embedder_key, file_hash
-from amber_hunter.learn.dataset import Dataset, load_dataset, make_sample, parse_name, read_labels_csv
+from amber_hunter.learn.dataset import (
+    SCENE_STEP_LAT,
+    SCENE_STEP_LON,
+    TOUCH_TOLERANCE,
+    Dataset,
+    footprint_groups,
+    group_sizes,
+    load_dataset,
+    make_sample,
+    parse_name,
+    read_labels_csv,
+)
 from amber_hunter.learn.evaluate import seed_split, spatial_bands, spatial_folds
 from amber_hunter.model.classify import grouped_splits
 
@@ -88,7 +100,14 @@ def test_load_dataset_order_labels_and_summary(small_data):
     assert names == pos + neg
     assert ds.labels.tolist() == [1] * len(pos) + [0] * len(neg)
     assert ds.labels.dtype == np.int32
-    assert ds.summary() == {"n_samples": 65, "n_positive": 25, "n_negative": 40, "n_scenes": len(set(ds.groups))}
+    assert ds.summary() == {
+        "n_samples": 65,
+        "n_positive": 25,
+        "n_negative": 40,
+        "n_scenes": len(set(ds.scene_ids)),
+        "n_groups": len(set(ds.groups)),
+        "largest_group": max(np.unique(ds.groups, return_counts=True)[1]),
+    }
     assert all(s.source == "folder" for s in ds.samples)
 
 
@@ -331,14 +350,18 @@ def full(data_root):
 def test_spatial_bands_keep_scenes_whole_and_every_band_has_positives(full, axis, folds):
     bands = spatial_bands(full.coordinates(axis), full.labels, full.groups, folds)
     assert bands.shape == full.labels.shape and set(bands.tolist()) == set(range(folds))
-    for scene in set(full.groups.tolist()):
-        assert len(set(bands[full.groups == scene].tolist())) == 1, scene
+    for group in set(full.groups.tolist()):
+        assert len(set(bands[full.groups == group].tolist())) == 1, group
     for b in range(folds):
         assert full.labels[bands == b].sum() > 0, f"band {b} has no positives"
-    # Bands are ordered along the axis.
+    # Bands are ordered along the axis by their groups' midpoints; a crop lies at most one
+    # group's extent (a few grid steps) past its band's edge.
     coords = full.coordinates(axis)
+    mid = {g: (coords[full.groups == g].min() + coords[full.groups == g].max()) / 2 for g in set(full.groups)}
+    mids = np.array([mid[g] for g in full.groups])
     for b in range(folds - 1):
-        assert coords[bands == b].max() <= coords[bands == b + 1].min()
+        assert mids[bands == b].max() <= mids[bands == b + 1].min()
+        assert coords[bands == b].max() <= coords[bands == b + 1].min() + 10 * max(SCENE_STEP_LAT, SCENE_STEP_LON)
     # The folds built on them partition the samples.
     folds_ = spatial_folds(coords, full.labels, full.groups, folds)
     tests = np.concatenate([te for _, te in folds_])
@@ -371,7 +394,7 @@ def test_spatial_bands_errors():
     groups = np.array(["a", "b", "c"])
     with pytest.raises(DatasetError, match="--protocol grouped"):
         spatial_bands(coords, labels, groups, 2)
-    with pytest.raises(DatasetError, match="only 2 positive scenes for 3"):
+    with pytest.raises(DatasetError, match="only 2 positive scene groups for 3"):
         spatial_bands(np.array([1.0, 1.5, 2.0]), labels, groups, 3)
 
 
@@ -413,6 +436,177 @@ def test_grouped_splits_never_share_a_scene(full):
     seen = []
     for train, test in splits:
         assert not set(full.groups[train]) & set(full.groups[test])
+        assert not set(full.scene_ids[train]) & set(full.scene_ids[test])
         assert full.labels[test].sum() > 0
         seen += test.tolist()
     assert sorted(seen) == list(range(len(full.labels)))
+
+
+# --- footprint groups ---------------------------------------------------------------------------
+
+
+def scene_table(ds: Dataset):
+    """One row per scene: ids, latitudes, longitudes (the first crop's)."""
+    first = {}
+    for s in ds.samples:
+        first.setdefault(s.scene_id, (s.lat, s.lon))
+    ids = list(first)
+    return ids, np.array([first[i][0] for i in ids]), np.array([first[i][1] for i in ids])
+
+
+def meeting_pairs(lat, lon, tolerance=TOUCH_TOLERANCE):
+    """Every pair of scenes whose one-step footprints overlap or touch, by brute force."""
+    a = np.abs(lat[:, None] - lat[None, :]) <= SCENE_STEP_LAT + tolerance
+    b = np.abs(lon[:, None] - lon[None, :]) <= SCENE_STEP_LON + tolerance
+    i, j = np.nonzero(np.triu(a & b, k=1))
+    return list(zip(i.tolist(), j.tolist()))
+
+
+def fold_of_scene(ds: Dataset, splits) -> dict[str, set[int]]:
+    folds: dict[str, set[int]] = {}
+    for k, (_, test) in enumerate(splits):
+        for i in test:
+            folds.setdefault(ds.scene_ids[i], set()).add(k)
+    return folds
+
+
+def split_neighbours(ds: Dataset, splits) -> list[tuple[str, str]]:
+    """Pairs of overlapping or touching scenes tested in different folds (should be none)."""
+    ids, lat, lon = scene_table(ds)
+    folds = fold_of_scene(ds, splits)
+    assert all(len(f) == 1 for f in folds.values()), "a scene is split over folds"
+    return [(ids[i], ids[j]) for i, j in meeting_pairs(lat, lon) if folds[ids[i]] != folds[ids[j]]]
+
+
+def test_footprint_groups_on_the_shared_data(full):
+    """634 scenes; 70 pairs overlap, 408 more touch on the grid; 358 groups, the largest 59 crops.
+
+    The dataset README says 398 groups (and 310 touching pairs): that count comes from the
+    coordinates rounded to the 5 decimals of a scene id with a 0.00333° step, where rounding
+    decides whether two grid rows 0.0033342° apart touch. Both counts are pinned here so the
+    difference stays explained.
+    """
+    ids, lat, lon = scene_table(full)
+    assert len(ids) == 634
+    assert group_sizes(full.groups) == group_sizes(footprint_groups(full.scene_ids, *scene_coords(full)))
+    assert (group_sizes(full.groups).n_groups, group_sizes(full.groups).largest) == (358, 59)
+    assert len(meeting_pairs(lat, lon, tolerance=-1e-7)) == 70  # overlap alone
+    assert len(meeting_pairs(lat, lon)) == 70 + 408
+    overlap_only = footprint_groups(full.scene_ids, *scene_coords(full), tolerance=-1e-7)
+    assert (group_sizes(overlap_only).n_groups, group_sizes(overlap_only).largest) == (570, 12)
+    rounded_lat = [float(s.split("_")[0]) for s in full.scene_ids]
+    rounded_lon = [float(s.split("_")[1]) for s in full.scene_ids]
+    readme = footprint_groups(full.scene_ids, rounded_lat, rounded_lon, step_lat=0.00333, tolerance=1e-7)
+    assert (group_sizes(readme).n_groups, group_sizes(readme).largest) == (398, 59)
+    # Every scene of a group is in it whole, and every crop of a scene has the scene's group.
+    for sid in set(full.scene_ids):
+        assert len(set(full.groups[full.scene_ids == sid])) == 1
+
+
+def scene_coords(ds: Dataset):
+    return [s.lat for s in ds.samples], [s.lon for s in ds.samples]
+
+
+@pytest.mark.parametrize("protocol", ["grouped", "spatial-lon", "spatial-lat"])
+def test_no_overlapping_or_touching_scenes_in_different_folds(full, protocol):
+    if protocol == "grouped":
+        splits = grouped_splits(full.labels, full.groups, 5, seed=0)
+    else:
+        splits = spatial_folds(full.coordinates(protocol[-3:]), full.labels, full.groups, 5)
+    assert split_neighbours(full, splits) == []
+
+
+def test_grouping_by_scene_id_alone_would_split_neighbours(full):
+    """The check above can fail: folds grouped by bare scene ids put neighbours apart."""
+    splits = grouped_splits(full.labels, full.scene_ids, 5, seed=0)
+    assert len(split_neighbours(full, splits)) > 50
+
+
+def synthetic_scenes() -> Dataset:
+    """Six scenes, in grid steps from (50, 25): A-B touch at a corner, B-C overlap by half, D
+    touches nothing (a hair more than a step from C), E and F carry no coordinates."""
+    at = {
+        "A": (0.0, 0.0),
+        "B": (1.0, 1.0),  # corner to corner with A
+        "C": (1.5, 1.0),  # half over B
+        "D": (2.5 + 2 * TOUCH_TOLERANCE / SCENE_STEP_LAT, 1.0),  # just clear of C
+    }
+    samples = []
+    for i, j in at.values():
+        lat, lon = 50 + i * SCENE_STEP_LAT, 25 + j * SCENE_STEP_LON
+        for n, label in enumerate((1, 0)):
+            samples.append(make_sample(Path(f"{lat!r}_{lon!r}_11_Oct_2014_GMT_super_{n}.png"), label, "folder"))
+    samples += [make_sample(Path(f"{name}.png"), label, "folder") for name, label in (("E", 1), ("F", 0))]
+    return Dataset(tuple(samples))
+
+
+def test_footprint_groups_synthetic_chain_and_loners():
+    ds = synthetic_scenes()
+    g = ds.groups.tolist()
+    assert len(set(ds.scene_ids)) == 6
+    assert g[0] == g[1] == g[2] == g[3] == g[4] == g[5]  # A, B, C: one group through B
+    assert g[6] == g[7] and g[6] != g[0]  # D alone
+    assert g[8] == "E.png" and g[9] == "F.png"  # no coordinates: their own scene
+    assert g[0] == min(ds.scene_ids[:6])  # named by its smallest scene id
+    assert group_sizes(ds.groups) == group_sizes(np.array(g)) and group_sizes(ds.groups).largest == 6
+    # Moved onto C's far edge (exactly one step away), D touches C and joins the group.
+    lat = [s.lat for s in ds.samples]
+    lat[6] = lat[7] = 50 + 2.5 * SCENE_STEP_LAT
+    groups = footprint_groups(ds.scene_ids, lat, [s.lon for s in ds.samples])
+    assert groups[6] == groups[0]
+
+
+def test_synthetic_neighbours_never_straddle_folds():
+    ds = synthetic_scenes()
+    chain = {s.scene_id for s in ds.samples[:6]}  # A, B, C
+
+    def chain_folds(groups, seed):
+        folds = fold_of_scene(ds, grouped_splits(ds.labels, groups, 2, seed))
+        return {frozenset(f) for sid, f in folds.items() if sid in chain}
+
+    assert all(len(chain_folds(ds.groups, seed)) == 1 for seed in range(10))
+    # Bare scene ids do split the chain for some seed, so the assertion above can fail.
+    assert any(len(chain_folds(ds.scene_ids, seed)) > 1 for seed in range(10))
+
+
+def test_footprint_groups_match_brute_force_on_random_scenes():
+    """The grid hash finds exactly the pairs a brute-force comparison finds, including across
+    cell edges, negative coordinates and points exactly one step (touching) apart."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(3)
+    n = 1500
+    lat = -0.2 + rng.integers(0, 120, n) * SCENE_STEP_LAT / 2 + rng.choice([0.0, 1e-3], n) * rng.random(n)
+    lon = -0.3 + rng.integers(0, 120, n) * SCENE_STEP_LON / 2
+    ids = [f"s{i:05d}" for i in range(n)]
+    ours = footprint_groups(ids, lat, lon)
+    i, j = zip(*meeting_pairs(lat, lon))
+    _, brute = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)
+    assert 50 < len(set(ours)) < n - 50, "too dense or too sparse to test anything"
+    assert len(set(ours)) == len(set(brute.tolist()))
+    for g in set(ours):
+        assert len(set(brute[ours == g].tolist())) == 1
+
+
+def test_spatial_bands_keep_a_straddling_group_whole():
+    """A group whose scenes straddle a band edge goes whole to the band of its midpoint."""
+    step = SCENE_STEP_LON
+    # Positive scenes at lon 0, 10, 20, 30 steps (edges fall between); one group of three
+    # touching scenes at 14.5..16.5 steps straddles the median edge at 15.
+    lons = [0, 10, 20, 30, 14.5, 15.5, 16.5]
+    labels = np.array([1, 1, 1, 1, 0, 0, 0])
+    ds = Dataset(
+        tuple(
+            make_sample(Path(f"50.0_{25 + x * step!r}_11_Oct_2014_GMT_super_{k}.png"), int(y), "folder")
+            for k, (x, y) in enumerate(zip(lons, labels))
+        )
+    )
+    assert len(set(ds.groups[4:].tolist())) == 1 and len(set(ds.groups.tolist())) == 5
+    coords = ds.coordinates("lon")
+    bands = spatial_bands(coords, labels, ds.groups, 2)
+    assert len(set(bands[4:].tolist())) == 1
+    assert bands[4] == 1  # midpoint 15.5 steps: past the edge at 15
+    # By scene id, the same straddling scenes would be cut at the edge.
+    by_scene = spatial_bands(coords, labels, ds.scene_ids, 2)
+    assert len(set(by_scene[4:].tolist())) == 2

@@ -24,8 +24,17 @@ from ..model.classify import (
 )
 from ..model.embed import Embedder, cnn_blocks, get_embedder
 from .cache import embed_files
-from .dataset import load_dataset
-from .evaluate import EvaluationReport, at_half, compute_metrics, evaluate_features, plot_pr_curve
+from .dataset import group_sizes, load_dataset
+from .evaluate import (
+    EvaluationReport,
+    Fitter,
+    at_half,
+    compute_metrics,
+    evaluate_features,
+    fit_fixed,
+    plot_pr_curve,
+    predictions,
+)
 
 
 def _embedded_dataset(data_dirs, labels_csv, embedder: str | Embedder, cache_dir, progress):
@@ -95,8 +104,15 @@ def evaluate_protocol(
     seed: int = 0,
     progress: Callable | None = None,
     plot: str | Path | None = None,
+    fitter: Fitter = fit_fixed,
+    selection: str = "fixed",
 ) -> EvaluationReport:
-    """Cross-validate an embedder on labelled folders under one protocol."""
+    """Cross-validate an embedder on labelled folders under one protocol.
+
+    Folds keep footprint groups whole (``Dataset.groups``: scenes that overlap or touch), and so
+    do the inner folds that pick each fold's threshold. ``fitter``/``selection``: see
+    ``evaluate_features`` (the nested check in ``training/evaluate_embedders.py`` uses them).
+    """
     dataset, embedder, features, _ = _embedded_dataset(data_dirs, labels_csv, embedder, cache_dir, progress)
     report, y, probs = evaluate_features(
         features,
@@ -111,6 +127,9 @@ def evaluate_protocol(
         axis=axis,
         target_precision=target_precision,
         seed=seed,
+        files=dataset.files(data_dirs),
+        fitter=fitter,
+        selection=selection,
     )
     if plot is not None:
         plot_pr_curve(y, probs, f"{embedder.name}, {protocol}" + (f" ({axis})" if protocol == "spatial" else ""), plot)
@@ -132,12 +151,16 @@ def evaluate_model(
     dataset, _, features, _ = _embedded_dataset([data_dir], labels_csv, bundle.build_embedder(), cache_dir, progress)
     probs = bundle.predict_proba(features)
     y = dataset.labels
+    sizes = group_sizes(dataset.groups)
     report = EvaluationReport(
         protocol="external",
         embedder=meta.embedder,
         metrics=compute_metrics(y, probs, (probs >= meta.threshold).astype(np.int32)),
         at_half=at_half(y, probs),
         target_precision=meta.target_precision,
+        n_groups=sizes.n_groups,
+        largest_group=sizes.largest,
+        predictions=predictions(dataset.files([data_dir]), y, probs, None, dataset.groups),
     )
     if plot is not None:
         plot_pr_curve(y, probs, f"{meta.embedder} model on {Path(data_dir).name}", plot)

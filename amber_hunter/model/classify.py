@@ -170,14 +170,19 @@ def fit_booster(features: np.ndarray, labels: np.ndarray, seed: int = 0, params:
 
 
 def grouped_splits(labels, groups, folds: int, seed: int = 0):
-    """k folds with every scene wholly in one fold, stratified by label."""
+    """k folds with every group wholly in one fold, stratified by label.
+
+    ``groups`` should be footprint groups (``Dataset.groups``: scenes that overlap or touch
+    form one group), not bare scene ids: overlapping scenes show the same pits.
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
     for cls, name in ((1, "positive"), (0, "negative")):
-        n_scenes = len(set(groups[labels == cls].tolist()))
-        if n_scenes < folds:
+        n_groups = len(set(groups[labels == cls].tolist()))
+        if n_groups < folds:
             raise DatasetError(
-                f"only {n_scenes} {name} scenes for {folds} folds; add labelled crops or use fewer --folds"
+                f"only {n_groups} {name} scene groups for {folds} folds (scenes that overlap or touch count as "
+                "one); add labelled crops or use fewer --folds"
             )
 
     return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(labels, labels, groups))
@@ -228,7 +233,9 @@ def fit_with_threshold(
     """Fit on everything and pick the threshold on grouped out-of-fold predictions.
 
     The threshold must come from predictions on scenes the classifier did not see, or it would be
-    chosen on memorised training data and be far too low.
+    chosen on memorised training data and be far too low. So ``groups`` should be footprint groups
+    (``Dataset.groups``): with bare scene ids, an overlapping neighbour of a held-out scene would
+    still be in training.
     """
     probs = np.zeros(len(labels), np.float32)
     for train, test in grouped_splits(labels, groups, inner_folds, seed):
