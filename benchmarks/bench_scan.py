@@ -26,6 +26,10 @@ How it is measured:
   the steady rate once the first scene is out, model load excluded. ``CPU s/scene`` is the scan's
   CPU time (user + system) minus its baseline's, per scene: it hardly moves with outside load, so
   it is the column to compare across machines and runs when the wall times are noisy.
+* Results are read through ``RunStore``'s API only (``status()``, ``events()``, ``scenes()``), never
+  its SQLite tables. Each scan must exit 0 with every scene done (none failed, partial or dropped)
+  and flag the same scenes as the first scan, once per repeat of the grid: which scenes that is
+  depends on the model (the shipped fast model misses positive2) and is printed with the table.
 * One warm-up scan (not counted) fills the page cache, then configurations are interleaved round by
   round (rotating their order), so a burst of outside load spreads over all of them. The machine is
   shared: the load average at start and end goes into the JSON; judge absolute seconds by it.
@@ -33,7 +37,7 @@ How it is measured:
     python benchmarks/bench_scan.py [--model fast|default|DIR] [--runs 3] [--repeat-large 4] [--json OUT]
 
 The exit code is 0 when every scan ran and the memory check passed, 1 when the memory check
-failed, 2 when a scan failed or returned wrong counts.
+failed, 2 when a scan failed or returned wrong or inconsistent counts.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -60,7 +64,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUILDER = REPO / "training" / "build_demo_region.py"
 #: The demo region holds 3 positive and 3 negative scenes per repeat.
-FLAGGED_PER_REPEAT = 3
 SCENES_PER_REPEAT = 6
 TILES_PER_SCENE = 16
 #: Peak RSS of the large region may exceed the small one's by at most this share.
@@ -128,7 +131,9 @@ def serve(root: Path) -> Iterator[_Server]:
 def cli_command() -> list[str]:
     """The ``amber-hunter`` entry point of this interpreter (not a pyenv shim, which adds a shell)."""
     script = Path(sys.executable).parent / "amber-hunter"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "amber_hunter.cli"]
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from amber_hunter.cli import main; sys.exit(main())"]
 
 
 def _vm_kb(pid: int, field: str) -> int | None:
@@ -200,34 +205,37 @@ def run_cli(args: list[str], cwd: Path, log: Path) -> dict:
     }
 
 
-def store_timings(run_dir: Path) -> dict:
-    """Scene counts and event times of the run's latest session, read from its SQLite store.
+def store_timings(run_dir: Path, names: dict[str, str]) -> dict:
+    """Scene counts, flagged scenes and event times of the run's latest session, read through
+    ``RunStore``'s API, so the timings are the store's own, not this script's.
 
-    Read-only and straight from the tables, so the timings are the store's own, not this script's.
+    ``names`` maps scene ids to their example's name (``scenes.json``), to say which were flagged.
     """
     from amber_hunter.run.store import RunStore
 
     with RunStore(run_dir) as store:
         status = store.status()
-    db = sqlite3.connect(f"file:{run_dir / 'run.sqlite'}?mode=ro", uri=True)
-    try:
-        start = db.execute("SELECT MAX(ts) FROM events WHERE kind = 'start'").fetchone()[0]
-        scene_ts = [ts for (ts,) in db.execute(
-            "SELECT ts FROM events WHERE kind = 'scene' AND ts >= ? ORDER BY ts", (start,))]
-        stop = db.execute("SELECT MAX(ts) FROM events WHERE kind = 'stop' AND ts >= ?", (start,)).fetchone()[0]
-    finally:
-        db.close()
+        events = store.events()
+        flagged = sorted({names.get(s.scene_id, s.scene_id) for s in store.scenes(flagged_only=True)})
+    starts = [e.ts for e in events if e.kind == "start"]
+    start = starts[-1] if starts else None
+    scene_ts = sorted(e.ts for e in events if e.kind == "scene" and start is not None and e.ts >= start)
+    stops = [e.ts for e in events if e.kind == "stop" and start is not None and e.ts >= start]
     n = len(scene_ts)
     return {
         "done": status.done,
         "pending": status.pending,
         "failed": status.failed,
+        "partial": status.partial,
+        "dropped": status.dropped,
         "flagged": status.flagged,
+        "flagged_scenes": flagged,
         "processed": n,
         "scene_times": scene_ts,
-        "store_rate": (n - 1) / (scene_ts[-1] - scene_ts[0]) if n >= 2 and scene_ts[-1] > scene_ts[0] else None,
+        # The store's rate of the latest session that processed scenes: (n - 1) / (last - first).
+        "store_rate": status.rate if n else None,
         "first_scene_s": scene_ts[0] - start if n else None,
-        "in_process_s": stop - start if stop is not None else None,
+        "in_process_s": max(stops) - start if stops else None,
     }
 
 
@@ -246,6 +254,16 @@ class Config:
         return SCENES_PER_REPEAT * self.repeat
 
 
+def scene_names(region: Path) -> dict[str, str]:
+    """Scene id -> the example it shows (``positive2.png``...), from the region's ``scenes.json``."""
+    return {scene_id: info["source"] for scene_id, info in json.loads((region / "scenes.json").read_text())["scenes"].items()}
+
+
+def labelled_positives(region: Path) -> list[str]:
+    scenes = json.loads((region / "scenes.json").read_text())["scenes"].values()
+    return sorted({info["source"] for info in scenes if info["label"] == "positive"})
+
+
 class Bench:
     def __init__(self, model: str, regions: dict[int, Path], servers: dict[int, _Server], work: Path, keep: bool):
         self.model = model
@@ -253,7 +271,13 @@ class Bench:
         self.servers = servers
         self.work = work
         self.keep = keep
+        self.names = {repeat: scene_names(path) for repeat, path in regions.items()}
+        self.positives = labelled_positives(regions[min(regions)])
         self.problems: list[str] = []
+        #: The scenes (by example name) that the first scan flagged; every later scan must agree.
+        #: Which scenes a model flags is its own business (the shipped fast model misses
+        #: positive2); a scan that flags others than the rest did is a wrong result.
+        self.flagged_ref: list[str] | None = None
         self._n = 0
 
     def scan_args(self, config: Config, run_dir: Path) -> list[str]:
@@ -274,7 +298,7 @@ class Bench:
         scan = run_cli(args, self.work, self.work / "runs" / f"{self._n:03d}-scan.log")
         scan["requests"] = server.requests() - before
         self._check(config, "scan", scan)
-        scan.update(store_timings(run_dir))
+        scan.update(store_timings(run_dir, self.names[config.repeat]))
         if scan["processed"] >= 2:
             scan["rss_growth_mb"] = rss_growth_mb(scan["rss_samples"], scan["scene_times"][0], scan["scene_times"][-1])
 
@@ -282,9 +306,13 @@ class Bench:
         base = run_cli(args, self.work, self.work / "runs" / f"{self._n:03d}-baseline.log")
         base["requests"] = server.requests() - before
         self._check(config, "baseline", base)
-        base.update(store_timings(run_dir))
+        base.update(store_timings(run_dir, self.names[config.repeat]))
 
-        expect = {"done": config.scenes, "pending": 0, "failed": 0, "flagged": FLAGGED_PER_REPEAT * config.repeat}
+        if self.flagged_ref is None:
+            self.flagged_ref = scan["flagged_scenes"]
+        # Each scene in the flagged set appears once per repeat of the demo grid.
+        expect = {"done": config.scenes, "pending": 0, "failed": 0, "partial": 0, "dropped": 0,
+                  "flagged": len(self.flagged_ref) * config.repeat, "flagged_scenes": self.flagged_ref}
         wrong = {k: scan[k] for k, v in expect.items() if scan[k] != v}
         if scan["processed"] != config.scenes or base["processed"] != 0:
             wrong["processed (scan, baseline)"] = (scan["processed"], base["processed"])
@@ -297,8 +325,11 @@ class Bench:
         return {"config": config.name, "round": round_, "loadavg_1m": load, "scan": _trim(scan), "baseline": _trim(base)}
 
     def _check(self, config: Config, kind: str, result: dict) -> None:
+        # scan exits 1 when some scenes failed, 2 on a bad option or a whole-run failure.
         if result["returncode"] != 0:
-            raise SystemExit(f"bench_scan: {config.name} {kind} exited with {result['returncode']}:\n{result['output']}")
+            what = {1: " (some scenes failed)", 2: " (bad option or whole-run failure)"}.get(result["returncode"], "")
+            raise SystemExit(f"bench_scan: {config.name} {kind} exited with {result['returncode']}{what}:\n"
+                             f"{result['output']}")
 
 
 def _trim(result: dict) -> dict:
@@ -468,6 +499,13 @@ def main(argv=None) -> int:
           f"(medians): {check['growth']:+.1%} (limit +{RSS_TOLERANCE:.0%}): {verdict}")
     print(f"load average (1, 5, 15 min): start {', '.join(f'{x:.2f}' for x in loadavg_start)}; "
           f"end {', '.join(f'{x:.2f}' for x in loadavg_end)}; {os.cpu_count()} CPUs")
+    positives = bench.positives
+    flagged = bench.flagged_ref or []
+    missed = [name for name in positives if name not in flagged]
+    extra = [name for name in flagged if name not in positives]
+    print(f"flagged per {SCENES_PER_REPEAT} scenes: {len(flagged)} ({', '.join(flagged) or 'none'}); labelled positive: "
+          f"{len(positives)}" + (f"; the model misses {', '.join(missed)}" if missed else "")
+          + (f"; flags negative {', '.join(extra)}" if extra else ""))
     for problem in bench.problems:
         print(f"WRONG RESULT: {problem}")
     if args.json:
@@ -482,6 +520,8 @@ def main(argv=None) -> int:
             "loadavg_end": loadavg_end,
             "rows": rows,
             "memory_check": check,
+            "flagged_scenes": flagged,
+            "labelled_positives": positives,
             "problems": bench.problems,
             "runs": runs,
         })
