@@ -22,7 +22,7 @@ Each core setting runs in its own subprocess. Thread pools (OpenBLAS, OpenMP, Te
 themselves when they are first loaded, so "one core" has to be set in the environment before the
 interpreter imports anything; the process is also pinned to one CPU so nothing can spill over.
 
-    python benchmarks/bench_detect.py [--runs 7] [--with-vgg16] [--cache-dir DIR] [--json OUT]
+    python benchmarks/bench_detect.py [--runs 7] [--with-vgg16] [--with-efflite0] [--cache-dir DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def one_core_worker(spec: dict) -> dict:
     with watch.load("load texture model (incl. imports)"):
         detector = Detector.load(spec["texture_model"])
     detector.bundle.classifier.booster.set_param({"nthread": 1})
+    efflite0 = _efflite0(watch) if spec.get("with_efflite0") else None
     params = detector.bundle.slic_params()
     for _ in range(spec["runs"] + 1):
         image, seg = decode_and_segment(watch, spec["scene"], params)
@@ -182,8 +183,21 @@ def one_core_worker(spec: dict) -> dict:
             detector.bundle.predict_proba(features)
         with watch.stage("detect, texture model"):
             detector.detect(read_rgb(spec["scene"]))
+        if efflite0 is not None:
+            with watch.stage("efflite0 per-crop embed"):
+                efflite0.embed(image, seg.regions)
     watch.add_baseline()
     return {**watch.measured(), "n_superpixels": len(seg.regions)}
+
+
+def _efflite0(watch: Stopwatch):
+    """The EfficientNet-Lite0 embedder with its weights loaded (a load row times it)."""
+    from amber_hunter.model.embed import get_embedder
+
+    with watch.load("load efflite0 per-crop model (incl. TensorFlow)"):
+        embedder = get_embedder("efflite0")
+        load_cnn_weights(embedder)
+    return embedder
 
 
 def load_cnn_weights(embedder) -> None:
@@ -208,9 +222,10 @@ def two_core_worker(spec: dict) -> dict:
         load_cnn_weights(per_crop)
     with watch.load("load vgg16 whole-scene model"):
         whole = WholeSceneVgg16()
+    efflite0 = _efflite0(watch) if spec.get("with_efflite0") else None
     detector = None
     if spec.get("vgg16_model"):
-        with watch.load("load vgg16+texture model"):
+        with watch.load("load default model"):
             detector = Detector.load(spec["vgg16_model"])
             load_cnn_weights(detector.embedder)
     for _ in range(spec["runs"] + 1):
@@ -219,8 +234,11 @@ def two_core_worker(spec: dict) -> dict:
             per_crop.embed(image, seg.regions)
         with watch.stage("vgg16 whole-scene embed (experimental)"):
             whole.embed(image, seg.regions)
+        if efflite0 is not None:
+            with watch.stage("efflite0 per-crop embed"):
+                efflite0.embed(image, seg.regions)
         if detector is not None:
-            with watch.stage("detect, vgg16+texture model"):
+            with watch.stage(f"detect, {detector.embedder.name} model"):
                 detector.detect(read_rgb(spec["scene"]))
     watch.add_baseline()
     return {**watch.measured(), "n_superpixels": len(seg.regions)}
@@ -284,7 +302,7 @@ def texture_model(args, tmp: Path, cache_dir: Path) -> tuple[Path, str]:
 def vgg16_model(args, tmp: Path, cache_dir: Path) -> tuple[Path | None, str | None]:
     if args.vgg16_model:
         return args.vgg16_model, "--vgg16-model"
-    if args.with_vgg16 and bundle_embedder(bundled_model_path()) == "vgg16+texture":
+    if args.with_vgg16 and "vgg16" in (bundle_embedder(bundled_model_path()) or "").split("+"):
         return bundled_model_path(), "bundled default"
     if args.with_vgg16:
         return train("vgg16+texture", tmp / "vgg16_texture_model", cache_dir, args.data), "trained for this run"
@@ -338,6 +356,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=7, help=f"timed rounds per stage, >= {MIN_RUNS} (plus one warm-up)")
     parser.add_argument("--with-vgg16", action="store_true",
                         help="also time a vgg16+texture detect (trains the model unless --vgg16-model is given)")
+    parser.add_argument("--with-efflite0", action="store_true",
+                        help="also time the EfficientNet-Lite0 per-crop embed on one core and on two")
     parser.add_argument("--model", type=Path, help="texture model bundle (default: bundled texture model, else train one)")
     parser.add_argument("--vgg16-model", type=Path, help="vgg16+texture bundle to time instead of training one (implies --with-vgg16)")
     parser.add_argument("--cache-dir", type=Path, default=os.environ.get("AMBER_HUNTER_CACHE"),
@@ -354,8 +374,8 @@ def parse_args(argv=None):
         parser.error(f"scene {args.scene} does not exist")
     if args.model and bundle_embedder(args.model) != "texture":
         parser.error(f"--model {args.model} is not a texture model bundle")
-    if args.vgg16_model and bundle_embedder(args.vgg16_model) != "vgg16+texture":
-        parser.error(f"--vgg16-model {args.vgg16_model} is not a vgg16+texture model bundle")
+    if args.vgg16_model and "vgg16" not in (bundle_embedder(args.vgg16_model) or "").split("+"):
+        parser.error(f"--vgg16-model {args.vgg16_model} is not a model bundle with vgg16 in its embedder")
     return args
 
 
@@ -370,14 +390,14 @@ def main(argv=None) -> int:
         cache_dir = args.cache_dir or tmp / "cache"
         texture, texture_source = texture_model(args, tmp, cache_dir)
         vgg16, vgg16_source = vgg16_model(args, tmp, cache_dir)
-        spec = {"scene": str(args.scene), "runs": args.runs}
+        spec = {"scene": str(args.scene), "runs": args.runs, "with_efflite0": args.with_efflite0}
         one = run_group({**spec, "cores": 1, "cpu": args.cpu, "texture_model": str(texture)}, tmp)
         two = run_group({**spec, "cores": 2, "vgg16_model": None if vgg16 is None else str(vgg16)}, tmp)
     loadavg_end = os.getloadavg()
     rows = rows_of(one) + rows_of(two)
 
     print(f"\nscene {args.scene} ({one['n_superpixels']} superpixels); {args.runs} timed runs after one warm-up; "
-          f"texture model: {texture_source}" + (f"; vgg16+texture model: {vgg16_source}" if vgg16 else ""))
+          f"texture model: {texture_source}" + (f"; CNN model: {vgg16_source}" if vgg16 else ""))
     print(f"load average (1/5/15 min) at start {loadavg_start[0]:.2f}/{loadavg_start[1]:.2f}/{loadavg_start[2]:.2f}, "
           f"at end {loadavg_end[0]:.2f}/{loadavg_end[1]:.2f}/{loadavg_end[2]:.2f} on {os.cpu_count()} CPUs\n")
     print_table(rows)

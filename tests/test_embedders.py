@@ -128,8 +128,8 @@ def test_bad_embedder_requests_are_embedder_errors(name, params, fragment):
 
 
 def test_embedder_names_are_listed():
-    assert set(EMBEDDERS) == {"texture", "vgg16", "resnet50"}
-    with pytest.raises(EmbedderError, match="texture, vgg16, resnet50"):
+    assert set(EMBEDDERS) == {"texture", "vgg16", "resnet50", "efflite0"}
+    with pytest.raises(EmbedderError, match="texture, vgg16, resnet50, efflite0"):
         get_embedder("vgg19")
 
 

@@ -15,7 +15,7 @@ import click
 from .. import __version__
 from ..errors import AmberHunterError
 
-EMBEDDER_HELP = "texture, vgg16, resnet50, or parts joined with '+' (e.g. vgg16+texture)"
+EMBEDDER_HELP = "texture, vgg16, resnet50, efflite0, or parts joined with '+' (e.g. vgg16+efflite0+texture)"
 
 
 class Cli(click.Group):
