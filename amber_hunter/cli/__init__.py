@@ -112,7 +112,7 @@ def main():
 
 @main.command()
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--embedder", default="vgg16+texture", show_default=True, help=EMBEDDER_HELP)
+@click.option("--embedder", default="vgg16+efflite0+texture", show_default=True, help=EMBEDDER_HELP)
 @click.option("--out", required=True, type=click.Path(), help="Model bundle directory to write.")
 @data_options
 def train(data_dirs, embedder, out, labels_csv, cache_dir, resnet_weights, target_precision, seed):
