@@ -18,8 +18,8 @@ from ..errors import AmberHunterError
 EMBEDDER_HELP = "texture, vgg16, resnet50, efflite0, or parts joined with '+' (e.g. vgg16+efflite0+texture)"
 
 
-class Cli(click.Group):
-    """A group that reports user errors as one line instead of a traceback."""
+class _OneLine:
+    """Reports user errors as one line and exit code 2 instead of a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -27,6 +27,14 @@ class Cli(click.Group):
         except AmberHunterError as exc:
             click.echo(f"amber-hunter: error: {exc}", err=True)
             ctx.exit(2)
+
+
+class Cli(_OneLine, click.Group):
+    """The ``amber-hunter`` group: every subcommand's user errors become one line."""
+
+
+class OneLineErrors(_OneLine, click.Command):
+    """A command that reports user errors as one line also when run on its own (tests)."""
 
 
 def _progress(desc: str):
@@ -253,9 +261,10 @@ def data_fetch(name, dest, base_url):
     click.echo(f"texty-amber dataset in {path}{hint}")
 
 
+from .explore import explore, labels
 from .scan import export, scan, status
 
-for _command in (scan, status, export):
+for _command in (scan, status, export, explore, labels):
     main.add_command(_command)
 
 

@@ -1,0 +1,318 @@
+"""The explore data and server without a browser: projections and their cache, out-of-fold
+confusion cells from the grouped protocol, explanations, the JSON and picture endpoints,
+path-traversal attempts, a busy port, labelling through the API, and the CLI."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from amber_hunter.errors import ConfigError, ModelBundleError, RunStoreError
+from amber_hunter.explore.data import load_dataset_points, load_run_points, plain_words
+from amber_hunter.explore.projection import ArrayCache, cached_projection, classifier_view, project
+from amber_hunter.explore.server import ExploreApp, make_server, start_in_thread
+from amber_hunter.learn.labels import LabelStore
+
+
+@pytest.fixture(scope="module")
+def explore_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("explore-cache")
+
+
+@pytest.fixture(scope="module")
+def points(small_data, explore_cache):
+    return load_dataset_points([small_data], "fast", method="pca", cache_dir=explore_cache)
+
+
+@pytest.fixture
+def app_url(points, tmp_path):
+    store = LabelStore(tmp_path / "labels.sqlite")
+    server, url = start_in_thread(ExploreApp(points, store))
+    yield url, store
+    server.shutdown()
+    server.server_close()
+    store.close()
+
+
+def get(url: str, path: str) -> tuple[int, bytes]:
+    """A raw GET: the path is sent exactly as given (no client-side normalisation of ``..``)."""
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def post(url: str, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, json.loads(data) if data.startswith(b"{") else {"raw": data.decode()}
+    finally:
+        conn.close()
+
+
+# --- projection ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["umap", "pca", "tsne"])
+def test_projections_are_finite_and_deterministic(method):
+    rng = np.random.default_rng(1)
+    data = np.concatenate([rng.normal(0, 1, (40, 10)), rng.normal(6, 1, (40, 10))]).astype(np.float32)
+    a, b = project(data, method, seed=0), project(data, method, seed=0)
+    assert a.shape == (80, 2) and np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    # The two blobs stay apart: every point is nearer its own blob's centre.
+    centres = [a[:40].mean(axis=0), a[40:].mean(axis=0)]
+    own = np.linalg.norm(a[:40] - centres[0], axis=1) < np.linalg.norm(a[:40] - centres[1], axis=1)
+    assert own.mean() > 0.9
+
+
+def test_umap_does_not_import_tensorflow():
+    code = ("import sys, numpy as np; from amber_hunter.explore.projection import project;"
+            "project(np.random.default_rng(0).normal(size=(30, 5)).astype('float32'), 'umap');"
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_projection_cache_is_keyed_by_embedder_model_and_data(tmp_path):
+    view = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    cache = ArrayCache(tmp_path)
+    xy, hit = cached_projection(view, "pca", cache, embedder="texture:1", model="m1", data="d1")
+    assert not hit
+    again, hit = cached_projection(view, "pca", cache, embedder="texture:1", model="m1", data="d1")
+    assert hit and np.array_equal(xy, again)
+    for change in ({"model": "m2"}, {"data": "d2"}, {"embedder": "vgg16:1"}):
+        _, hit = cached_projection(view, "pca", cache, **{"embedder": "texture:1", "model": "m1", "data": "d1", **change})
+        assert not hit, change
+    with pytest.raises(ConfigError, match="unknown projection"):
+        project(view, "mds")
+
+
+def test_classifier_view_is_standardised(points):
+    view, what = classifier_view(points.features, points.bundle)
+    assert np.allclose(view.mean(axis=0), 0, atol=1e-4)
+    assert "texture" in what and "standardised" in what
+
+
+# --- dataset points -----------------------------------------------------------------------------
+
+
+def test_dataset_points_carry_out_of_fold_cells_from_the_grouped_protocol(points, small_data, explore_cache):
+    from amber_hunter.learn.workflows import evaluate_protocol
+
+    report = evaluate_protocol([small_data], "texture", "grouped", target_precision=points.bundle.metadata.target_precision,
+                               cache_dir=explore_cache)
+    (tn, fp), (fn, tp) = report.metrics.confusion
+    counts = {c: points.cell.count(c) for c in ("TP", "FP", "FN", "TN")}
+    assert counts == {"TP": tp, "FP": fp, "FN": fn, "TN": tn}
+    by_file = {p.file: p.probability for p in report.predictions}
+    probs = [by_file[rel] for _, rel in points.files]
+    np.testing.assert_allclose(points.probability, probs, rtol=1e-5)
+    for cell, truth, pred in zip(points.cell, points.truth, points.predicted):
+        assert cell == ("T" if truth == pred else "F") + ("P" if pred else "N")
+    # The second load reads the cached out-of-fold predictions and projection.
+    again = load_dataset_points([small_data], "fast", method="pca", cache_dir=explore_cache)
+    assert again.timings["oof_s"] < 1.0 and np.array_equal(again.xy, points.xy)
+
+
+def test_neighbours_and_explanations(points):
+    near = points.neighbours(0, 5)
+    d = ((points.view - points.view[0]) ** 2).sum(axis=1)
+    assert 0 not in near and len(near) == 5
+    assert sorted(d[near]) == list(d[near]) and d[near].max() <= np.sort(d)[6]
+    reasons = points.explain(0, 4)
+    assert len(reasons) == 4
+    assert all(r["words"] and r["direction"] in ("towards mining", "away from mining") for r in reasons)
+    contributions = [abs(r["contribution"]) for r in reasons]
+    assert contributions == sorted(contributions, reverse=True)
+    assert plain_words("round_pit_count_s2.4") == "number of round dark pits about 3 m across"
+    assert plain_words("sand_frac") == "area of bright bare sand"
+
+
+# --- endpoints ----------------------------------------------------------------------------------
+
+
+def test_page_plot_point_and_pictures(app_url, points):
+    url, _ = app_url
+    status, page = get(url, "/")
+    assert status == 200 and b"/static/bokeh/bokeh.min.js" in page
+    assert get(url, "/static/bokeh/bokeh.min.js")[0] == 200
+    status, body = get(url, "/api/plot")
+    item = json.loads(body)
+    assert status == 200 and item["target_id"] == "plot"
+    status, body = get(url, "/api/point/3")
+    info = json.loads(body)
+    assert status == 200 and len(info["neighbours"]) == 8 and info["reasons"]
+    assert "out-of-fold probability" in info["probability_text"]
+    for path in ("/thumb/3.png", "/context/3.png"):
+        status, png = get(url, path)
+        assert status == 200 and png.startswith(b"\x89PNG")
+    status, body = get(url, "/api/neighbours/3?k=20")
+    assert json.loads(body)["neighbours"] == points.neighbours(3, 20)
+    status, body = get(url, "/api/clusters")
+    assert sum(c["count"] for c in json.loads(body)) == len(points)
+    for bad in ("/thumb/99999.png", "/api/point/99999", "/nothing", "/static/bokeh/other.js"):
+        assert get(url, bad)[0] == 404, bad
+
+
+def test_file_endpoint_refuses_every_way_out(app_url, points, tmp_path):
+    url, _ = app_url
+    root, rel = points.files[0]
+    good = f"/file/{root}/{rel}"
+    status, body = get(url, good)
+    assert status == 200 and body == points.file(0).read_bytes()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(points.file(0).read_bytes())
+    link = points.roots[root] / "negative" / "link-out.png"
+    link.symlink_to(outside)
+    try:
+        attempts = [
+            f"/file/{root}/../../../../../../etc/passwd",
+            f"/file/{root}/positive/../../secret.png",
+            f"/file/{root}/{outside}",  # absolute: /file/0//tmp/...
+            f"/file/{root}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+            f"/file/{root}/%2E%2E%2F%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+            f"/file/{root}/%252e%252e/%252e%252e/etc/passwd",
+            f"/file/{root}/negative/link-out.png",  # a symlink out of the folder
+            f"/file/{root}/negative/%00.png",
+            f"/file/{root}/../" + rel,
+            f"/file/99/{rel}",
+            f"/file/-1/{rel}",
+            f"/file/{root}/",
+        ]
+        for path in attempts:
+            assert get(url, path)[0] == 404, path
+    finally:
+        link.unlink()
+
+
+def test_labelling_through_the_api_writes_the_store(app_url, points):
+    url, store = app_url
+    status, body = post(url, "/api/label", {"indices": [2, 5], "label": "not mining", "note": "a quarry"})
+    assert status == 200 and [r["i"] for r in body["labelled"]] == [2, 5]
+    rows = store.latest()
+    assert {rows[points.keys[i].key].label for i in (2, 5)} == {0}
+    assert rows[points.keys[2].key].note == "a quarry" and rows[points.keys[2].key].source == "explore"
+    plot = json.loads(get(url, "/api/plot")[1])
+    assert "not mining" in json.dumps(plot)
+    assert post(url, "/api/label", {"indices": [2], "label": "maybe"})[0] == 400
+    assert post(url, "/api/label", {"indices": [10**6], "label": "mining"})[0] == 400
+    assert post(url, "/api/label", {"indices": [2], "label": "mining"}, {"Origin": "http://evil.example"})[0] == 403
+    assert len(store.history()) == 2
+
+
+def test_a_busy_port_moves_to_the_next_free_one(points):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        server, note = make_server(ExploreApp(points), "127.0.0.1", port)
+        try:
+            assert server.server_address[1] != port
+            assert note == f"port {port} is in use; using {server.server_address[1]} instead"
+        finally:
+            server.server_close()
+    finally:
+        blocker.close()
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+def test_run_points_and_bad_runs(folder_run, tmp_path, texture_model):
+    points = load_run_points(folder_run, method="pca")
+    assert points.kind == "run" and len(points) > 20
+    assert np.isfinite(points.probability).all() and points.flagged.any()
+    flagged = int(np.flatnonzero(points.flagged & (points.probability >= points.threshold))[0])
+    png = points.context(flagged)
+    from amber_hunter.images import decode_rgb
+
+    context = decode_rgb(png)
+    assert (np.abs(context.astype(int) - (255, 255, 0)).sum(axis=2) < 60).sum() > 20, "no outline in the context"
+    with pytest.raises(RunStoreError, match="not a run directory"):
+        load_run_points(tmp_path)
+    with pytest.raises(ModelBundleError, match="vgg16"):
+        from amber_hunter.model.classify import bundled_model_path
+
+        load_run_points(folder_run, bundled_model_path("default"), method="pca")
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_static_page(small_data, explore_cache, tmp_path):
+    from amber_hunter.cli.explore import explore
+
+    out = tmp_path / "explore.html"
+    result = CliRunner().invoke(explore, [str(small_data), "--model", "fast", "--projection", "pca", "--static", str(out),
+                                          "--labels", str(tmp_path / "l.sqlite"), "--cache-dir", str(explore_cache)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "data:image/jpeg;base64," in page and "/static/bokeh" not in page and "http://" not in page.split("<style>")[1]
+
+
+def test_cli_one_line_errors(tmp_path):
+    from amber_hunter.cli.explore import explore
+
+    result = CliRunner().invoke(explore, [str(tmp_path / "missing"), "--static", str(tmp_path / "x.html")])
+    assert result.exit_code == 2 and "amber-hunter: error:" in result.output and "Traceback" not in result.output
+
+
+def test_cli_serves_and_stops_on_ctrl_c(small_data, explore_cache, tmp_path):
+    env = {**os.environ, "AMBER_HUNTER_LABELS": str(tmp_path / "labels.sqlite")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from amber_hunter.cli.explore import explore; explore()", str(small_data), "--model",
+         "fast", "--projection", "pca", "--port", "0", "--no-browser", "--cache-dir", str(explore_cache)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        deadline = time.monotonic() + 240
+        while "http://" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        url = "http://" + line.split("http://")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert get(url, "/")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_notebook_scatter_is_the_same_projection_coloured_by_confusion(points):
+    from bokeh.embed import json_item
+
+    from amber_hunter.explore.data import CELL_COLOURS
+    from amber_hunter.explore.notebook import scatter
+
+    fig = scatter(points=points)
+    source = fig.select_one({"name": "points"})
+    assert list(source.data["x"]) == list(points.xy[:, 0].astype(float))
+    assert list(source.data["color"]) == [CELL_COLOURS[c] for c in points.cell]
+    assert all(t.startswith("data:image/jpeg;base64,") for t in source.data["thumb"])
+    assert json_item(fig)  # serialisable for output_notebook
