@@ -282,22 +282,30 @@ def test_cli_one_line_errors(tmp_path):
 
 def test_cli_serves_and_stops_on_ctrl_c(small_data, explore_cache, tmp_path):
     env = {**os.environ, "AMBER_HUNTER_LABELS": str(tmp_path / "labels.sqlite")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from amber_hunter.cli.explore import explore; explore()", str(small_data), "--model",
-         "fast", "--projection", "pca", "--port", "0", "--no-browser", "--cache-dir", str(explore_cache)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # stderr goes to a file, not a pipe nobody reads while the server runs: a full pipe would
+    # block the process and look like a server that ignores Ctrl-C.
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from amber_hunter.cli.explore import explore; explore()", str(small_data), "--model",
+             "fast", "--projection", "pca", "--port", "0", "--no-browser", "--cache-dir", str(explore_cache)],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     try:
         line = ""
         deadline = time.monotonic() + 240
         while "http://" not in line and time.monotonic() < deadline:
             line = proc.stdout.readline()
-            assert line or proc.poll() is None, proc.stderr.read()
+            assert line or proc.poll() is None, errors.read_text()
         url = "http://" + line.split("http://")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         assert get(url, "/")[0] == 200
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and "stopped" in err
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 30 s after Ctrl-C; stderr so far: {errors.read_text()[-2000:]}") from None
+        err = errors.read_text()
+        assert proc.returncode == 0 and "stopped" in err, err
     finally:
         if proc.poll() is None:
             proc.kill()
