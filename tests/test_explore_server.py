@@ -280,7 +280,11 @@ def test_cli_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "amber-hunter: error:" in result.output and "Traceback" not in result.output
 
 
-def test_cli_serves_and_stops_on_ctrl_c(small_data, explore_cache, tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_cli_serves_and_stops_on_ctrl_c(small_data, explore_cache, tmp_path, inherited):
+    """Ctrl-C stops the server even when it was started with SIGINT ignored (a background job
+    of a non-interactive shell, or a parent that ignores it): then Python installs no handler."""
+    disposition = signal.SIG_DFL if inherited == "default" else signal.SIG_IGN
     env = {**os.environ, "AMBER_HUNTER_LABELS": str(tmp_path / "labels.sqlite")}
     # stderr goes to a file, not a pipe nobody reads while the server runs: a full pipe would
     # block the process and look like a server that ignores Ctrl-C.
@@ -289,7 +293,8 @@ def test_cli_serves_and_stops_on_ctrl_c(small_data, explore_cache, tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-c", "from amber_hunter.cli.explore import explore; explore()", str(small_data), "--model",
              "fast", "--projection", "pca", "--port", "0", "--no-browser", "--cache-dir", str(explore_cache)],
-            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     try:
         line = ""
         deadline = time.monotonic() + 240

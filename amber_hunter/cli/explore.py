@@ -65,6 +65,7 @@ def explore(paths, model, labels_store, projection, port, host, no_browser, stat
         import webbrowser
 
         webbrowser.open(url)
+    _stop_on_ctrl_c_and_term()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -73,6 +74,22 @@ def explore(paths, model, labels_store, projection, port, host, no_browser, stat
         server.server_close()
         store.close()
     click.echo("stopped", err=True)
+
+
+def _stop_on_ctrl_c_and_term() -> None:
+    """Make Ctrl-C and SIGTERM stop the server, whatever the disposition we inherited.
+
+    A process started in the background by a non-interactive shell, or by a parent that ignores
+    SIGINT, inherits SIGINT as *ignored*, and Python then never installs its KeyboardInterrupt
+    handler: the server would ignore Ctrl-C for ever. Both signals raise KeyboardInterrupt in the
+    main thread, which leaves ``serve_forever`` and closes the label store."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 @click.group(cls=Cli)
