@@ -295,6 +295,17 @@ def test_run_view_colours_by_probability_and_outlines_a_flagged_superpixel(folde
     yellow = (np.abs(pixels[:, :3] - (255, 255, 0)).sum(axis=1) < 60).sum()
     assert yellow > 20, "the context picture shows no outline"
     assert "flagged" in browser.js("return document.getElementById('p-prob').textContent")
+    # the cluster list: every group with sample thumbnails; "select" selects the whole group
+    groups = browser.js("return [...document.querySelectorAll('#clusters .cluster')].map(d => +d.dataset.cluster)")
+    assert sorted(groups) == sorted(set(points.cluster.tolist()))
+    browser.wait("""return [...document.querySelectorAll('#clusters img')].every(im => im.complete && im.naturalWidth > 0)""",
+                 "the cluster list's thumbnails did not load")
+    first = groups[0]
+    browser.js("document.querySelector('#clusters .cluster .c-select').click()")
+    selected = browser.wait("const s = amber.source.selected.indices; return s.length ? Array.from(s) : null",
+                            "selecting a cluster selected nothing")
+    assert sorted(selected) == [int(k) for k in np.flatnonzero(points.cluster == first)]
+    assert "selected" in browser.js("return document.getElementById('selcount').textContent")
     browser.screenshot(tmp_path / "run.png")
     assert browser.errors() == []
     assert _only_local(browser.requests, url) == []

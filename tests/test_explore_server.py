@@ -170,8 +170,6 @@ def test_page_plot_point_and_pictures(app_url, points):
         assert status == 200 and png.startswith(b"\x89PNG")
     status, body = get(url, "/api/neighbours/3?k=20")
     assert json.loads(body)["neighbours"] == points.neighbours(3, 20)
-    status, body = get(url, "/api/clusters")
-    assert sum(c["count"] for c in json.loads(body)) == len(points)
     for bad in ("/thumb/99999.png", "/api/point/99999", "/nothing", "/static/bokeh/other.js"):
         assert get(url, bad)[0] == 404, bad
 
@@ -259,6 +257,67 @@ def test_run_points_and_bad_runs(folder_run, tmp_path, texture_model):
         load_run_points(folder_run, bundled_model_path("default"), method="pca")
 
 
+def test_a_pruned_tile_cache_is_said_and_nothing_is_refetched(region, tiny_model, tmp_path):
+    """A run over HTTP shows its pictures from its tile cache; once the cache is pruned, the
+    panel says so (404 with the reason), and the tile server sees no new request."""
+    import shutil
+
+    from tile_servers import tile_server
+
+    from amber_hunter.run.scan import scan
+
+    cache = tmp_path / "tile-cache"
+    with tile_server(region.folder) as server:
+        scan(region.config(server.url + "/{z}/{x}/{y}.png", tiny_model, tile_cache=str(cache)), tmp_path / "run")
+        fetched = len(server.requests)
+        points = load_run_points(tmp_path / "run", method="pca")
+        server_app, url = start_in_thread(ExploreApp(points))
+        try:
+            assert get(url, "/context/0.png")[0] == 200  # from the cache
+            shutil.rmtree(cache)
+            last = len(points) - 1  # another scene: the first one is kept in memory
+            assert points.scene[last] != points.scene[0]
+            status, body = get(url, f"/context/{last}.png")
+            assert status == 404 and b"no longer holds this scene's tiles" in body, body
+            assert b"not fetched again" in body
+        finally:
+            server_app.shutdown()
+            server_app.server_close()
+        assert len(server.requests) == fetched, "exploring fetched tiles"
+
+
+def test_run_superpixel_labels_export_as_crops_named_the_study_way(folder_run, tmp_path):
+    from amber_hunter.cli.explore import labels
+    from amber_hunter.images import decode_rgb
+    from amber_hunter.learn.dataset import parse_name, read_labels_csv
+    from amber_hunter.learn.labels import SuperpixelKey
+    from amber_hunter.run.store import RunStore
+
+    points = load_run_points(folder_run, method="pca")
+    picks = [0, len(points) - 1]
+    with LabelStore(tmp_path / "labels.sqlite") as store:
+        for i, label in zip(picks, (1, 0)):
+            store.add(points.keys[i], label, note=f"point {i}")
+        store.add(SuperpixelKey.of(tmp_path / "gone", "18/1/2/4", 3), 1)
+    out = tmp_path / "export" / "labels.csv"
+    result = CliRunner().invoke(labels, ["export", str(tmp_path / "labels.sqlite"), "--out", str(out),
+                                         "--crops", str(tmp_path / "export" / "crops")])
+    assert result.exit_code == 0, result.output
+    assert "cut 2 run superpixels" in result.stdout and "wrote" in result.stdout
+    assert "gone is gone" in result.stderr and "1 labels on run superpixels left out" in result.stdout
+    rows = read_labels_csv(out)
+    assert [r[1] for r in rows] == [1, 0]
+    with RunStore(folder_run) as run_store:
+        scenes = {s.scene_id: s for s in run_store.scenes()}
+    for (path, _, *rest), i in zip(rows, picks):
+        name = parse_name(path)
+        bounds = scenes[points.scene[i]].bounds
+        assert name is not None and name.segment == points.segments[i]
+        assert abs(name.lat - (bounds.north + bounds.south) / 2) < 1e-6
+        assert abs(name.lon - (bounds.east + bounds.west) / 2) < 1e-6
+        assert np.array_equal(decode_rgb(Path(path).read_bytes()), points.run.crop(points.scene[i], points.segments[i]))
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 
@@ -284,17 +343,17 @@ def test_cli_one_line_errors(tmp_path):
 def test_cli_serves_and_stops_on_ctrl_c(small_data, explore_cache, tmp_path, inherited):
     """Ctrl-C stops the server even when it was started with SIGINT ignored (a background job
     of a non-interactive shell, or a parent that ignores it): then Python installs no handler."""
-    disposition = signal.SIG_DFL if inherited == "default" else signal.SIG_IGN
+    # Ignoring SIGINT before the CLI starts is what an inherited SIG_IGN amounts to.
+    prelude = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); " if inherited == "ignored" else ""
     env = {**os.environ, "AMBER_HUNTER_LABELS": str(tmp_path / "labels.sqlite")}
     # stderr goes to a file, not a pipe nobody reads while the server runs: a full pipe would
     # block the process and look like a server that ignores Ctrl-C.
     errors = tmp_path / "stderr.txt"
     with errors.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from amber_hunter.cli.explore import explore; explore()", str(small_data), "--model",
+            [sys.executable, "-c", prelude + "from amber_hunter.cli.explore import explore; explore()", str(small_data), "--model",
              "fast", "--projection", "pca", "--port", "0", "--no-browser", "--cache-dir", str(explore_cache)],
-            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     try:
         line = ""
         deadline = time.monotonic() + 240
@@ -315,6 +374,23 @@ def test_cli_serves_and_stops_on_ctrl_c(small_data, explore_cache, tmp_path, inh
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_clusters_kmeans_and_hdbscan():
+    from amber_hunter.cli.explore import explore
+    from amber_hunter.explore.data import CLUSTER_METHODS, clusters
+
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(0, 0.1, (100, 5)), rng.normal(5, 0.1, (100, 5)), rng.uniform(-60, 60, (5, 5))])
+    kmeans = clusters(blobs, "kmeans")
+    assert len(set(kmeans[:100])) == 1 and len(set(kmeans[100:200])) == 1 and kmeans[0] != kmeans[100]
+    dense = clusters(blobs, "hdbscan")
+    assert len(set(dense[:100])) == 1 and len(set(dense[100:200])) == 1 and dense[0] != dense[100]
+    assert dense[0] >= 0 and (dense[200:] == -1).sum() >= 3  # scattered points stay unclustered
+    with pytest.raises(ConfigError, match="unknown cluster method 'dbscan'"):
+        clusters(blobs, "dbscan")
+    option = next(p for p in explore.params if p.name == "cluster_method")
+    assert tuple(option.type.choices) == CLUSTER_METHODS
 
 
 def test_notebook_scatter_is_the_same_projection_coloured_by_confusion(points):

@@ -23,6 +23,10 @@ def test_notebook_runs(path, data_root, tmp_path, monkeypatch):
     ).execute()
     text = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)
     assert "positive1.png True" in text, "the walk-through's detect step should flag positive1.png"
+    if path.stem == "walkthrough":  # the explore section: confusion counts, then the Bokeh figure
+        assert "{'TP': " in text, "the walk-through's explore cell printed no confusion counts"
+        assert any("application/vnd.bokehjs_exec.v0+json" in out.get("data", {})
+                   for cell in notebook.cells for out in cell.get("outputs", [])), "no Bokeh figure shown"
 
 
 def test_there_is_a_notebook():

@@ -30,6 +30,8 @@ def default_label_store() -> Path:
 @click.option("--labels", "labels_store", type=click.Path(dir_okay=False),
               help="Label store (SQLite) to read and write (default: one in the user data folder).")
 @click.option("--projection", type=click.Choice(["umap", "pca", "tsne"]), default="umap", show_default=True)
+@click.option("--clusters", "cluster_method", type=click.Choice(["kmeans", "hdbscan"]), default="kmeans",
+              show_default=True, help="How the cluster list groups similar superpixels.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="Port; a busy one moves on to the next free port. 0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
@@ -38,14 +40,14 @@ def default_label_store() -> Path:
               help="Write a read-only, self-contained page here instead of serving.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Embedding cache (default: user cache dir).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def explore(paths, model, labels_store, projection, port, host, no_browser, static_out, cache_dir, seed):
+def explore(paths, model, labels_store, projection, cluster_method, port, host, no_browser, static_out, cache_dir, seed):
     """Explore DATA_DIR... (labelled crops) or RUN_DIR in an interactive scatterplot: look at the
     classifier's mistakes, and label superpixels."""
     from ..explore.data import load_points
     from ..explore.server import ExploreApp, make_server, url_of, write_static
     from ..learn.labels import LabelStore
 
-    options = {"method": projection, "seed": seed}
+    options = {"method": projection, "seed": seed, "cluster_method": cluster_method}
     is_run = len(paths) == 1 and (Path(paths[0]) / "run.sqlite").is_file()
     if not is_run:
         options.update(cache_dir=cache_dir, progress=_progress("embedding"))
@@ -100,16 +102,30 @@ def labels():
 @labels.command("export")
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write (path,label,source,note).")
-def labels_export(store, out):
-    """Write the latest label of every dataset crop as the CSV that 'train --labels' reads."""
+@click.option("--crops", "crops_dir", type=click.Path(file_okay=False),
+              help="Also cut every labelled run superpixel from the run's tiles into this folder, as a crop "
+                   "named the study's way, and list it in the CSV.")
+def labels_export(store, out, crops_dir):
+    """Write the latest label of every dataset crop (and, with --crops, every run superpixel) as
+    the CSV that 'train --labels' reads."""
     from ..errors import LabelsError
     from ..learn.labels import LabelStore
 
     if not Path(store).is_file():
         raise LabelsError(f"label store {store} does not exist; label something with 'amber-hunter explore' first")
     with LabelStore(store) as s:
-        n, left_out = s.export_csv(out)
-    extra = f"; {left_out} labels on run superpixels left out (they have no crop file)" if left_out else ""
+        cut = []
+        if crops_dir:
+            from ..explore.crops import export_superpixel_crops
+
+            exported = export_superpixel_crops(s, crops_dir, Path(out).resolve().parent)
+            cut = [(c.path, c.label, c.source, c.note) for c in exported.crops]
+            for key, reason in exported.skipped:
+                click.echo(f"skipped {key}: {reason}", err=True)
+            click.echo(f"cut {len(cut)} run superpixels into {crops_dir}")
+        n, left_out = s.export_csv(out, cut)
+    extra = (f"; {left_out} labels on run superpixels left out (no crop file{'' if crops_dir else '; add --crops DIR'})"
+             if left_out else "")
     click.echo(f"wrote {out}: {n} labels{extra}")
 
 

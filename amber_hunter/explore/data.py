@@ -144,6 +144,7 @@ class Points:
     method: str
     title: str
     bundle: object
+    cluster_method: str
     tree_names: list[str]
     #: Dataset: (root index, path relative to it) per point.
     files: list[tuple[int, str]] = field(default_factory=list)
@@ -262,15 +263,31 @@ def _outline_box(image: np.ndarray, width: int = 2) -> np.ndarray:
     return out
 
 
-def clusters(view: np.ndarray, k: int | None = None, seed: int = 0) -> np.ndarray:
-    """k-means groups of similar superpixels in the classifier's space (about one per 60 points,
-    2 to 16)."""
-    from sklearn.cluster import KMeans
+#: How the cluster view groups superpixels: k-means (every point in a group, a fixed number of
+#: groups) or HDBSCAN (groups of any number and shape; points in no dense group stay "unclustered").
+CLUSTER_METHODS = ("kmeans", "hdbscan")
 
+
+def clusters(view: np.ndarray, method: str = "kmeans", seed: int = 0) -> np.ndarray:
+    """Groups of similar superpixels in the classifier's space, for labelling a group at once.
+
+    k-means makes about one group per 60 points (2 to 16), so a dataset of a few hundred crops
+    gives a list one can read in a minute. HDBSCAN finds the dense groups, whatever their number,
+    and marks the rest -1: better for a run, where a few mining look-alikes (cemeteries, quarries)
+    form small tight groups among a mass of fields and forest."""
     n = len(view)
-    k = k or int(np.clip(n // 60, 2, 16))
-    k = min(k, n)
-    return KMeans(k, n_init=3, random_state=seed).fit_predict(view).astype(np.int32)
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        k = min(int(np.clip(n // 60, 2, 16)), n)
+        return KMeans(k, n_init=3, random_state=seed).fit_predict(view).astype(np.int32)
+    if method == "hdbscan":
+        from sklearn.cluster import HDBSCAN
+
+        if n < 3:
+            return np.full(n, -1, np.int32)
+        return HDBSCAN(min_cluster_size=max(5, n // 100), min_samples=5).fit_predict(view).astype(np.int32)
+    raise ConfigError(f"unknown cluster method {method!r}; use one of {', '.join(CLUSTER_METHODS)}")
 
 
 def _load_bundle(model):
@@ -298,6 +315,7 @@ def load_dataset_points(
     folds: int = 5,
     target_precision: float | None = None,
     seed: int = 0,
+    cluster_method: str = "kmeans",
     progress: Callable | None = None,
 ) -> Points:
     """The crops of labelled folders, embedded with ``model``'s embedder (through the embedding
@@ -362,8 +380,8 @@ def load_dataset_points(
         kind="dataset", xy=xy, view=view, features=features, probability=probability,
         predicted=predicted.astype(np.int8), truth=labels.astype(np.int8), cell=cell,
         scene=[s.scene_id for s in dataset.samples], name=[s.path.name for s in dataset.samples], keys=keys,
-        cluster=clusters(view, seed=seed), roots=resolved, threshold=bundle.metadata.threshold, what=what,
-        method=method, title=f"{len(labels)} crops of {', '.join(Path(d).name for d in data_dirs)}",
+        cluster=clusters(view, cluster_method, seed), roots=resolved, threshold=bundle.metadata.threshold, what=what,
+        method=method, cluster_method=cluster_method, title=f"{len(labels)} crops of {', '.join(Path(d).name for d in data_dirs)}",
         bundle=bundle, tree_names=tree_feature_names(embedder, bundle), files=files,
     )
     points.timings = {"embed_s": t1 - t0, "oof_s": t2 - t1, "projection_s": t3 - t2}
@@ -477,6 +495,7 @@ def load_run_points(
     *,
     method: str = "umap",
     seed: int = 0,
+    cluster_method: str = "kmeans",
 ) -> Points:
     """The scored superpixels of a run, from its stored embeddings; ``model`` rescores them (its
     embedder must be the run's)."""
@@ -540,8 +559,8 @@ def load_run_points(
         truth=np.full(n, -1, np.int8), cell=[""] * n, scene=scene_ids,
         name=[f"{s} #{g}" for s, g in zip(scene_ids, seg_labels)],
         keys=[SuperpixelKey(run_key, s, g) for s, g in zip(scene_ids, seg_labels)],
-        cluster=clusters(view, seed=seed), roots=[run_dir.resolve()], threshold=threshold,
-        what=what + (" (rescored with --model)" if rescored else ""), method=method,
+        cluster=clusters(view, cluster_method, seed), roots=[run_dir.resolve()], threshold=threshold,
+        what=what + (" (rescored with --model)" if rescored else ""), method=method, cluster_method=cluster_method,
         title=f"run {run_dir.name}: {n} superpixels of {len(set(scene_ids))} scenes", bundle=bundle,
         tree_names=tree_feature_names(bundle.build_embedder(), bundle), segments=seg_labels,
         flagged=np.array([flagged_scene[s] for s in scene_ids], bool), run=pictures,
@@ -562,7 +581,8 @@ def load_points(paths: Sequence[str | Path], model=None, **options) -> Points:
     """A run directory (it holds ``run.sqlite``) or labelled dataset folders."""
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and (paths[0] / "run.sqlite").is_file():
-        return load_run_points(paths[0], model, method=options.get("method", "umap"), seed=options.get("seed", 0))
+        run_options = {k: options[k] for k in ("method", "seed", "cluster_method") if k in options}
+        return load_run_points(paths[0], model, **run_options)
     for p in paths:
         if (p / "run.sqlite").is_file():
             raise ConfigError(f"{p} is a run directory; explore one run on its own, or dataset folders together")

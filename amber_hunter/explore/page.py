@@ -36,7 +36,7 @@ def columns(points: Points, labels: list[str], origins: list[str], thumbs: list[
         "flagged": (points.flagged if points.flagged is not None else points.predicted.astype(bool)).astype(int),
         "thumb": thumbs,
         "c_cell": cell_colours, "c_prob": _viridis(p), "c_label": [LABEL_COLOURS[t] for t in labels],
-        "c_cluster": [CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)] for c in points.cluster],
+        "c_cluster": [CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)] if c >= 0 else "#bbbbbb" for c in points.cluster],
         "c_flagged": ["#d73027" if f else "#4575b4" for f in
                       (points.flagged if points.flagged is not None else points.predicted.astype(bool))],
         "color": cell_colours if points.kind == "dataset" else _viridis(p),
@@ -109,7 +109,7 @@ def render(points: Points, *, scripts: str, boot: dict, static: bool) -> str:
     return _TEMPLATE.format(
         title=html.escape(points.title), what=html.escape(points.what), scripts=scripts, boot=boot_json,
         mode="static" if static else "live", cells=cells if points.kind == "dataset" else "",
-        colour_default="cell" if points.kind == "dataset" else "prob",
+        colour_default="cell" if points.kind == "dataset" else "prob", cluster_method=points.cluster_method,
         readonly_note='<p class="note">Read-only copy: labelling needs <code>amber-hunter explore</code>.</p>'
         if static else "",
         js=_JS,
@@ -132,7 +132,8 @@ body {{ font: 14px system-ui, sans-serif; margin: 0; display: flex; height: 100v
 .reasons li {{ margin-bottom: 3px; }}
 .note {{ color: #666; font-size: 12px; }}
 button {{ margin: 2px; }}
-#clusters img {{ width: 40px; height: 40px; object-fit: contain; }}
+#clusters img {{ width: 40px; height: 40px; object-fit: contain; cursor: pointer; margin: 1px; }}
+#clusters div {{ margin: 3px 0; }}
 </style></head>
 <body data-mode="{mode}">
 <div id="main">
@@ -158,6 +159,9 @@ button {{ margin: 2px; }}
     <button id="sel-clear">clear</button></div>
   <div id="plot"></div>
   <div id="status" class="note"></div>
+  <h4 style="margin:10px 0 4px">Clusters <span class="note">({cluster_method} on the classifier's features; most
+    mining-like first; "select" a group, then label the selection)</span></h4>
+  <div id="clusters"></div>
 </div>
 <div id="panel" class="hidden">
   <button id="close" style="float:right">×</button>
@@ -229,11 +233,36 @@ _JS = r"""
       for (const i of shown) { const k = d[key][i]; count[k] = (count[k] || 0) + 1; }
       for (const k of Object.keys(count).sort()) {
         const col = mode === "cluster" ? d.c_cluster[d.cluster.indexOf(Number(k))] : (colours[mode][k] || "#999");
-        const name = mode === "cluster" ? "cluster " + k : mode === "flagged" ? (k === "1" ? "flagged" : "not flagged") : k;
+        const name = mode === "cluster" ? clusterName(Number(k)) : mode === "flagged" ? (k === "1" ? "flagged" : "not flagged") : k;
         html += `<div data-key="${k}"><span class="sw" style="background:${col}"></span>${name}: <b>${count[k]}</b></div>`;
       }
     }
     $("legend").innerHTML = html + `<div class="note">${shown.length} of ${d.x.length} points shown</div>`;
+  }
+
+  function clusterName(c) { return c < 0 ? "unclustered" : "cluster " + c; }
+
+  function clusterList() {
+    const d = source.data, members = {};
+    d.cluster.forEach((c, i) => (members[c] = members[c] || []).push(i));
+    const mean = (m) => { const p = m.map(i => d.prob[i]).filter(v => v >= 0); return p.length ? p.reduce((a, b) => a + b, 0) / p.length : -1; };
+    const rows = Object.entries(members).map(([c, m]) => ({c: Number(c), m, p: mean(m)})).sort((a, b) => b.p - a.p);
+    $("clusters").innerHTML = "";
+    for (const r of rows) {
+      const div = document.createElement("div");
+      div.className = "cluster"; div.dataset.cluster = r.c;
+      const step = Math.max(1, Math.floor(r.m.length / 8));
+      const sample = r.m.filter((_, k) => k % step === 0).slice(0, 8);
+      div.innerHTML = `<button class="c-select">select</button> <b>${clusterName(r.c)}</b>: ${r.m.length} points` +
+        (r.p >= 0 ? `, mean p ${r.p.toFixed(2)} ` : " ");
+      for (const i of sample) {
+        const im = document.createElement("img");
+        im.src = thumb(i); im.dataset.i = i; im.title = d.name[i]; im.onclick = () => openPanel(i);
+        div.appendChild(im);
+      }
+      div.querySelector(".c-select").onclick = () => { source.selected.indices = r.m.slice(); };
+      $("clusters").appendChild(div);
+    }
   }
 
   function recolour() {
@@ -330,7 +359,8 @@ _JS = r"""
     filter = doc.get_model_by_name("filter");
     amber.source = source; amber.doc = doc;
     const clusters = [...new Set(source.data.cluster)].sort((a, b) => a - b);
-    for (const c of clusters) $("clusterfilter").insertAdjacentHTML("beforeend", `<option value="${c}">cluster ${c}</option>`);
+    for (const c of clusters) $("clusterfilter").insertAdjacentHTML("beforeend", `<option value="${c}">${clusterName(c)}</option>`);
+    clusterList();
     $("colour").value = window.AMBER_COLOUR_DEFAULT;
     if (!document.querySelector(".f-cell")) $("colour").querySelector('option[value="cell"]').disabled = true;
     for (const id of ["pmin", "pmax", "labelled", "scene", "clusterfilter"]) $(id).addEventListener("input", refilter);

@@ -5,7 +5,7 @@ Endpoints:
 
 - ``GET /``: the page; ``GET /static/bokeh/<file>``: BokehJS from the installed bokeh package;
 - ``GET /api/plot``: the Bokeh figure (with the label store's current labels);
-- ``GET /api/point/<i>``, ``/api/neighbours/<i>?k=K``, ``/api/clusters``: about points;
+- ``GET /api/point/<i>``, ``/api/neighbours/<i>?k=K``: about points;
 - ``GET /thumb/<i>.png``, ``/context/<i>.png``: pictures, made on demand and kept in memory;
 - ``GET /file/<root>/<path>``: an image file inside a dataset or run folder, and nothing else:
   ``..``, absolute paths, encoded dots and symlinks out of the folder all get 404;
@@ -26,8 +26,6 @@ from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
-
-import numpy as np
 
 from ..errors import ConfigError
 from ..learn.dataset import IMAGE_SUFFIXES
@@ -83,15 +81,6 @@ class ExploreApp:
         return {"i": i, "name": p.name[i], "scene": p.scene[i], "probability": prob, "model_probability": model_p,
                 "probability_text": text, "cell": p.cell[i], "neighbours": p.neighbours(i, 8),
                 "reasons": p.explain(i, 5), "history": history}
-
-    def clusters(self) -> list[dict]:
-        out = []
-        for c in sorted(set(self.points.cluster.tolist())):
-            members = np.flatnonzero(self.points.cluster == c)
-            out.append({"cluster": int(c), "count": len(members),
-                        "mean_probability": float(np.nanmean(self.points.probability[members])),
-                        "sample": [int(j) for j in members[:: max(1, len(members) // 8)][:8]]})
-        return out
 
     def picture(self, kind: str, i: int) -> bytes:
         key = (kind, i)
@@ -187,8 +176,6 @@ def _handler(app: ExploreApp):
                 return self._send(200, (bokeh_dir / m[1]).read_bytes(), "text/javascript", cache=True)
             if path == "/api/plot":
                 return self._json(app.plot())
-            if path == "/api/clusters":
-                return self._json(app.clusters())
             if m := re.fullmatch(r"/api/point/(\d+)", path):
                 i = self._index(m[1])
                 return self._json(app.point(i)) if i is not None else self._not_found()

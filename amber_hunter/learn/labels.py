@@ -243,10 +243,11 @@ class LabelStore:
 
     # --- CSV -----------------------------------------------------------------------------------
 
-    def export_csv(self, out: str | Path) -> tuple[int, int]:
+    def export_csv(self, out: str | Path, cut: Sequence[tuple[str, int, str, str | None]] = ()) -> tuple[int, int]:
         """Write the current crop labels as a ``train --labels`` CSV (paths relative to the CSV's
-        folder). Returns ``(rows written, superpixel labels left out)``: a run's superpixel has no
-        crop file to point at until it is cut from the run's tiles."""
+        folder), then the ``cut`` rows ``(path, label, source, note)``: run superpixels already cut
+        into crop files (``explore.crops``). Returns ``(rows written, superpixel labels left
+        out)``: a run's superpixel has no crop file to point at until it is cut from the run's tiles."""
         from .. import atomic
 
         out = Path(out)
@@ -258,11 +259,13 @@ class LabelStore:
         base = out.resolve().parent
         for r in sorted(crops, key=lambda r: (r.root, r.path)):
             writer.writerow([Path(os.path.relpath(r.file, base)).as_posix(), LABEL_NAMES[r.label], r.source, r.note or ""])
+        for path, label, source, note in cut:
+            writer.writerow([path, LABEL_NAMES[label], source, note or ""])
         try:
             atomic.write_bytes(out, buf.getvalue().encode())
         except OSError as exc:
             raise LabelsError(f"cannot write {out} ({exc.strerror or exc}); choose another --out") from None
-        return len(crops), len(latest) - len(crops)
+        return len(crops) + len(cut), len(latest) - len(crops) - len(cut)
 
     def import_csv(self, csv_path: str | Path, *, root: str | Path | None = None, source: str = "import") -> int:
         """Add the labels of a ``path,label,source,note`` CSV (paths relative to its folder) as
