@@ -65,3 +65,8 @@ class ScanCancelledError(TileSourceError):
 class RunStoreError(RunAbortError):
     """A run directory that cannot be written (a full disk, say), or a resume with a changed config:
     either way no further scene can be stored, so the run stops."""
+
+
+class SceneUnavailableError(AmberHunterError):
+    """A scanned scene whose pixels cannot be shown or segmented again without a new fetch: its
+    tiles were pruned from the run's tile cache (they are never fetched again silently)."""

@@ -223,6 +223,8 @@ def test_dataset_view_hover_click_label_box_select_reload(shared_points, data_ro
                         "no context picture")
     assert "out-of-fold probability" in browser.js("return document.getElementById('p-prob').textContent")
     assert browser.js("return document.querySelectorAll('#p-reasons li').length") == 5
+    browser.wait("return amber.gradcamReady === arguments[0]", "the Grad-CAM box never answered", TIMEOUT_S, i)
+    assert "no CNN" in browser.js("return document.getElementById('p-gradcam-msg').textContent")  # a texture model
 
     # "not mining", with a note: one row in the store, for this crop
     browser.js("document.getElementById('note').value = 'a sand quarry'; document.getElementById('b-not').click()")

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from amber_hunter.errors import ConfigError, ModelBundleError, RunStoreError
 from amber_hunter.explore.data import load_dataset_points, load_run_points, plain_words
 from amber_hunter.explore.projection import ArrayCache, cached_projection, classifier_view, project
-from amber_hunter.explore.server import ExploreApp, make_server, start_in_thread
+from amber_hunter.explore.server import NO_CNN, ExploreApp, make_server, start_in_thread
 from amber_hunter.learn.labels import LabelStore
 
 
@@ -48,7 +48,7 @@ def app_url(points, tmp_path):
 def get(url: str, path: str) -> tuple[int, bytes]:
     """A raw GET: the path is sent exactly as given (no client-side normalisation of ``..``)."""
     host, port = url.split("//")[1].rstrip("/").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
     try:
         conn.putrequest("GET", path, skip_accept_encoding=True)
         conn.endheaders()
@@ -172,6 +172,36 @@ def test_page_plot_point_and_pictures(app_url, points):
     assert json.loads(body)["neighbours"] == points.neighbours(3, 20)
     for bad in ("/thumb/99999.png", "/api/point/99999", "/nothing", "/static/bokeh/other.js"):
         assert get(url, bad)[0] == 404, bad
+
+
+def test_gradcam_endpoint_for_a_cnn_model_and_a_texture_one(app_url, points, positive_crop):
+    """The side panel's heatmap: a CNN model's Grad-CAM over the crop, with its note; a texture
+    model has no CNN, and the endpoint says so instead."""
+    import dataclasses
+
+    from amber_hunter.images import decode_rgb, read_rgb
+    from amber_hunter.model.classify import bundled_model_path, load_bundle
+
+    url, _ = app_url
+    status, body = get(url, "/gradcam/3.png")
+    assert status == 404 and b"no CNN" in body
+    assert json.loads(get(url, "/api/gradcam/3")[1]) == {"available": False, "note": NO_CNN}
+    cnn_points = dataclasses.replace(points, files=[(0, positive_crop.name)], roots=[positive_crop.parent],
+                                     bundle=load_bundle(bundled_model_path("default")))
+    server, cnn_url = start_in_thread(ExploreApp(cnn_points))
+    try:
+        status, body = get(cnn_url, "/api/gradcam/0")  # builds the CNNs, then the heatmap (seconds)
+        info = json.loads(body)
+        status_png, png = get(cnn_url, "/gradcam/0.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200 and info["available"] is True and "block" in info["note"]
+    assert status_png == 200 and png.startswith(b"\x89PNG")
+    picture, crop = decode_rgb(png), read_rgb(positive_crop)
+    assert picture.shape[2] == 3 and max(picture.shape[:2]) <= 320
+    assert abs(picture.shape[0] / picture.shape[1] - crop.shape[0] / crop.shape[1]) < 0.05
+    assert not np.array_equal(picture, decode_rgb(cnn_points.thumbnail(0, max(picture.shape[:2])))), "no heat drawn"
 
 
 def test_file_endpoint_refuses_every_way_out(app_url, points, tmp_path):
@@ -315,7 +345,7 @@ def test_run_superpixel_labels_export_as_crops_named_the_study_way(folder_run, t
         assert name is not None and name.segment == points.segments[i]
         assert abs(name.lat - (bounds.north + bounds.south) / 2) < 1e-6
         assert abs(name.lon - (bounds.east + bounds.west) / 2) < 1e-6
-        assert np.array_equal(decode_rgb(Path(path).read_bytes()), points.run.crop(points.scene[i], points.segments[i]))
+        assert np.array_equal(decode_rgb(Path(path).read_bytes()), points.crop(i)[0])
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import atomic
 from ..errors import AmberHunterError, LabelsError
 from ..learn.labels import LabelRow, LabelStore
-from .data import PictureUnavailable, RunPictures, _load_bundle, _png
+from .data import RunPictures, _load_bundle, _png
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def export_superpixel_crops(store: LabelStore, out_dir: str | Path, csv_dir: str
                     skipped.append((r.key, f"scene {r.scene_id} is not in run {run}"))
                     continue
                 try:
-                    image = pictures.crop(r.scene_id, r.segment)
-                except (PictureUnavailable, AmberHunterError) as exc:
+                    image, _ = pictures.crop(r.scene_id, r.segment)
+                except AmberHunterError as exc:  # tiles pruned, a superpixel gone, a source moved
                     skipped.append((r.key, str(exc)))
                     continue
                 b = scene.bounds

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AmberHunterError, ConfigError, ModelBundleError, RunStoreError
+from ..errors import ConfigError, ModelBundleError, RunStoreError, SceneUnavailableError
 from ..learn.labels import CropKey, LabelStore, SuperpixelKey
+from ..run.resegment import Resegmented, resegment
 from .projection import ArrayCache, cache_key, cached_projection, classifier_view
 
 #: Confusion cells and their colours (ColorBrewer RdYlBu, mistakes in warm colours).
@@ -229,12 +230,29 @@ class Points:
         root, rel = self.files[i]
         return self.roots[root] / rel
 
-    def thumbnail(self, i: int, size: int = THUMB_PX, fmt: str = "PNG") -> bytes:
+    def crop(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the embedder saw: the superpixel's bbox crop, and its mask over the crop (a
+        dataset crop has none: the study kept the bbox only)."""
         if self.kind == "dataset":
             from ..images import read_rgb
 
-            return _png(read_rgb(self.file(i)), size, fmt)
-        return _png(self.run.crop(self.scene[i], self.segments[i]), size, fmt)
+            return read_rgb(self.file(i)), None
+        return self.run.crop(self.scene[i], self.segments[i])
+
+    def thumbnail(self, i: int, size: int = THUMB_PX, fmt: str = "PNG") -> bytes:
+        return _png(self.crop(i)[0], size, fmt)
+
+    def gradcam(self, i: int, embedder) -> tuple[bytes, str] | None:
+        """The Grad-CAM picture of why the model scores this superpixel as it does (heat over the
+        crop, the superpixel outlined on a run) and its one-line note; None for a model without
+        CNN heads, whose reasons are the feature contributions alone."""
+        from ..model.gradcam import gradcam, overlay
+
+        crop, mask = self.crop(i)
+        cam = gradcam(self.bundle, crop, mask, embedder=embedder)
+        if cam is None:
+            return None
+        return _png(overlay(crop, cam.heatmap, mask), CONTEXT_PX), cam.note
 
     def context(self, i: int) -> bytes:
         """The superpixel in its context, outlined: the crop itself for a dataset (a crop *is*
@@ -392,101 +410,54 @@ def load_dataset_points(
 
 
 class RunPictures:
-    """Scenes of a run, stitched again from its tiles and segmented as the scan did; the last few
-    are kept in memory. Tiles of an HTTP source come only from the run's tile cache."""
+    """Scenes of a run, stitched again from its tiles and segmented as the scan did
+    (``run.resegment``: never from the network); the last few are kept in memory."""
 
     KEEP = 6
 
     def __init__(self, store, bundle):
-        self.config = store.config
         self.store = store
         self.slic = bundle.slic_params()
-        self._scenes: OrderedDict[str, tuple] = OrderedDict()
+        self._scenes: OrderedDict[str, Resegmented] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _source(self):
-        from ..sources import CachedTileSource, open_source
-
-        config = self.config
-        if not config.is_http:
-            return open_source(config.tiles, scheme=config.scheme)
-        return CachedTileSource(_CacheOnly(), config.tile_cache or self.store.tile_cache_dir)
-
-    def scene(self, scene_id: str) -> tuple[np.ndarray, dict]:
-        """The scene's image and its superpixels by label."""
+    def scene(self, scene_id: str) -> Resegmented:
         with self._lock:
             if scene_id in self._scenes:
                 self._scenes.move_to_end(scene_id)
                 return self._scenes[scene_id]
-        from ..model.segment import segment
-        from ..run.scenes import cell_from_id, load_scene
-
-        with self._source() as source:
-            scene = load_scene(cell_from_id(scene_id), source, tile_size=self.config.tile_size,
-                               min_valid=self.config.min_valid)
-        if scene.status != "ok":
-            reason = scene.reason or scene.status
-            if "not in the run's tile cache" in reason:
-                reason = ("the run's tile cache no longer holds this scene's tiles (pruned?); they are not "
-                          "fetched again: rerun the scan with a tile cache to see it")
-            raise PictureUnavailable(f"scene {scene_id}: {reason}")
-        seg = segment(scene.image, self.slic, scene.valid)
-        entry = (scene.image, {r.label: r for r in seg.regions}, seg.labels)
+        entry = resegment(self.store, scene_id, self.slic)
         with self._lock:
             self._scenes[scene_id] = entry
             while len(self._scenes) > self.KEEP:
                 self._scenes.popitem(last=False)
         return entry
 
-    def crop(self, scene_id: str, segment: int) -> np.ndarray:
-        image, regions, _ = self.scene(scene_id)
-        if segment not in regions:
-            raise PictureUnavailable(f"scene {scene_id} has no superpixel {segment} when segmented again")
-        return regions[segment].crop(image)
+    def _region(self, scene_id: str, segment: int):
+        scene = self.scene(scene_id)
+        if segment not in scene.regions:
+            raise SceneUnavailableError(f"scene {scene_id} has no superpixel {segment} when segmented again")
+        return scene, scene.regions[segment]
+
+    def crop(self, scene_id: str, segment: int) -> tuple[np.ndarray, np.ndarray]:
+        """The superpixel's bbox crop and its mask over the crop."""
+        scene, region = self._region(scene_id, segment)
+        return region.crop(scene.image), region.mask
 
     def context(self, scene_id: str, segment: int, margin: float = 1.0) -> np.ndarray:
         """The superpixel's bbox grown by ``margin`` bbox sides each way, its outline drawn."""
         from skimage.segmentation import find_boundaries
 
-        image, regions, labels = self.scene(scene_id)
-        if segment not in regions:
-            raise PictureUnavailable(f"scene {scene_id} has no superpixel {segment} when segmented again")
-        r0, c0, r1, c1 = regions[segment].bbox
+        scene, region = self._region(scene_id, segment)
+        r0, c0, r1, c1 = region.bbox
         dr, dc = int((r1 - r0) * margin), int((c1 - c0) * margin)
-        h, w = labels.shape
+        h, w = scene.labels.shape
         rs, cs = slice(max(r0 - dr, 0), min(r1 + dr, h)), slice(max(c0 - dc, 0), min(c1 + dc, w))
-        out = image[rs, cs].copy()
-        edge = find_boundaries(labels[rs, cs] == segment, mode="inner")
+        out = scene.image[rs, cs].copy()
+        edge = find_boundaries(scene.labels[rs, cs] == segment, mode="inner")
         edge |= np.roll(edge, 1, 0) | np.roll(edge, 1, 1)  # 2 px wide, visible once scaled down
         out[edge] = OUTLINE_RGB
         return out
-
-
-class PictureUnavailable(AmberHunterError):
-    """A run's superpixel picture that cannot be shown (its tiles are gone)."""
-
-
-class _CacheOnly:
-    """The 'network' behind a run's tile cache when exploring: it never fetches."""
-
-    tile_size = None
-
-    def get(self, tile):
-        from ..errors import TileSourceError
-
-        raise TileSourceError(f"tile {tile.z}/{tile.x}/{tile.y} is not in the run's tile cache")
-
-    def describe(self) -> str:
-        return "the run's tile cache only"
-
-    def check_zoom(self, zoom: int) -> None:
-        pass
-
-    def cancel(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def load_run_points(

@@ -177,6 +177,9 @@ button {{ margin: 2px; }}
   </div>
   {readonly_note}
   <h5>Why this score</h5><ul id="p-reasons" class="reasons"></ul>
+  <div id="p-gradcam-box" class="labelling"><h5>Where the CNN looks (Grad-CAM)</h5>
+    <img id="p-gradcam" alt="Grad-CAM heatmap over the crop" style="max-width:320px;display:block">
+    <div id="p-gradcam-msg" class="note"></div></div>
   <h5>More like this</h5><div id="p-neighbours" class="thumbs"></div>
   <h5>History</h5><ul id="p-history" class="note"></ul>
 </div>
@@ -327,6 +330,17 @@ _JS = r"""
     }
   }
 
+  function showGradcam(i) {
+    const img = $("p-gradcam"), msg = $("p-gradcam-msg");
+    img.removeAttribute("src"); img.style.display = "none"; msg.textContent = "computing the heatmap…";
+    getJSON(`/api/gradcam/${i}`).then(cam => {
+      if (amber.current !== i) return;
+      msg.textContent = cam.note + (cam.available ? ". Bright: pixels that push the score towards mining." : "");
+      if (cam.available) { img.src = `/gradcam/${i}.png`; img.style.display = "block"; }
+      amber.gradcamReady = i;
+    });
+  }
+
   async function openPanel(i) {
     amber.current = i;
     const d = source.data;
@@ -335,6 +349,7 @@ _JS = r"""
     $("p-label").textContent = "label: " + d.label[i] + (d.origin[i] ? " (" + d.origin[i] + ")" : "") + (d.cell[i] ? " · " + d.cell[i] : "");
     showContext(i);
     if (live) {
+      showGradcam(i);
       const info = await getJSON(`/api/point/${i}`);
       if (amber.current !== i) return;
       $("p-prob").textContent = info.probability_text;

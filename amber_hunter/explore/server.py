@@ -5,8 +5,10 @@ Endpoints:
 
 - ``GET /``: the page; ``GET /static/bokeh/<file>``: BokehJS from the installed bokeh package;
 - ``GET /api/plot``: the Bokeh figure (with the label store's current labels);
-- ``GET /api/point/<i>``, ``/api/neighbours/<i>?k=K``: about points;
-- ``GET /thumb/<i>.png``, ``/context/<i>.png``: pictures, made on demand and kept in memory;
+- ``GET /api/point/<i>``, ``/api/neighbours/<i>?k=K``, ``/api/gradcam/<i>`` (is there a heatmap,
+  and its note): about points;
+- ``GET /thumb/<i>.png``, ``/context/<i>.png``, ``/gradcam/<i>.png``: pictures, made on demand and
+  kept in memory (Grad-CAM: 404 with the reason for a model without CNN heads);
 - ``GET /file/<root>/<path>``: an image file inside a dataset or run folder, and nothing else:
   ``..``, absolute paths, encoded dots and symlinks out of the folder all get 404;
 - ``POST /api/label``: ``{"indices": [...], "label": "mining"|"not mining", "note": ...}``.
@@ -27,16 +29,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SceneUnavailableError
 from ..learn.dataset import IMAGE_SUFFIXES
 from ..learn.labels import LabelStore
-from .data import PictureUnavailable, Points
+from .data import Points
 from .page import BOKEH_JS, columns, figure_item, render
 
 log = logging.getLogger(__name__)
 #: Ports tried after a busy one before giving up.
 PORT_TRIES = 20
 LABEL_VALUES = {"mining": 1, "not mining": 0}
+NO_CNN = "no heatmap: this model has no CNN; the reasons above are its whole story"
 
 
 class ExploreApp:
@@ -45,8 +48,10 @@ class ExploreApp:
     def __init__(self, points: Points, store: LabelStore | None = None):
         self.points = points
         self.store = store
-        self._pictures: OrderedDict[tuple, bytes] = OrderedDict()
+        self._pictures: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
+        self._built = None
 
     # --- content -------------------------------------------------------------------------------
 
@@ -82,18 +87,33 @@ class ExploreApp:
                 "probability_text": text, "cell": p.cell[i], "neighbours": p.neighbours(i, 8),
                 "reasons": p.explain(i, 5), "history": history}
 
-    def picture(self, kind: str, i: int) -> bytes:
+    def picture(self, kind: str, i: int):
+        """A picture made on demand and kept (the last 4096): ``thumb`` and ``context`` PNG bytes,
+        or ``gradcam``: ``(PNG bytes, note)``, or None for a model without CNN heads."""
         key = (kind, i)
         with self._lock:
             if key in self._pictures:
                 self._pictures.move_to_end(key)
                 return self._pictures[key]
-        data = self.points.thumbnail(i) if kind == "thumb" else self.points.context(i)
+        if kind == "gradcam":
+            data = self.points.gradcam(i, self._embedder())
+        else:
+            data = self.points.thumbnail(i) if kind == "thumb" else self.points.context(i)
         with self._lock:
             self._pictures[key] = data
             while len(self._pictures) > 4096:
                 self._pictures.popitem(last=False)
         return data
+
+    def _embedder(self):
+        """The model's embedder, built once (loading CNN weights takes seconds) and only when a
+        Grad-CAM picture is first asked for; Keras models are not built twice at once."""
+        if not self.points.bundle.classifier.heads:
+            return None
+        with self._build_lock:
+            if self._built is None:
+                self._built = self.points.bundle.build_embedder()
+            return self._built
 
     def label(self, indices: list[int], value: str, note: str | None) -> list[dict]:
         if self.store is None:
@@ -155,7 +175,7 @@ def _handler(app: ExploreApp):
         def do_GET(self):
             try:
                 self._get()
-            except PictureUnavailable as exc:
+            except SceneUnavailableError as exc:
                 self._not_found(str(exc))
             except (BrokenPipeError, ConnectionResetError):
                 pass
@@ -190,6 +210,20 @@ def _handler(app: ExploreApp):
                 if i is None:
                     return self._not_found()
                 return self._send(200, app.picture(m[1], i), "image/png", cache=True)
+            if m := re.fullmatch(r"/gradcam/(\d+)\.png", path):
+                i = self._index(m[1])
+                if i is None:
+                    return self._not_found()
+                cam = app.picture("gradcam", i)
+                if cam is None:
+                    return self._not_found(NO_CNN)
+                return self._send(200, cam[0], "image/png", cache=True)
+            if m := re.fullmatch(r"/api/gradcam/(\d+)", path):
+                i = self._index(m[1])
+                if i is None:
+                    return self._not_found()
+                cam = app.picture("gradcam", i)
+                return self._json({"available": cam is not None, "note": NO_CNN if cam is None else cam[1]})
             if m := re.fullmatch(r"/file/([^/]*)/(.*)", path, re.DOTALL):
                 file = app.safe_file(unquote(m[1]), unquote(m[2]))
                 if file is None:
@@ -279,7 +313,7 @@ def write_static(points: Points, out: str | Path, store: LabelStore | None = Non
     for i in range(len(points)):
         try:
             thumbs.append(data_uri(points.thumbnail(i, 80, "JPEG"), "image/jpeg"))
-        except PictureUnavailable:
+        except SceneUnavailableError:
             thumbs.append("")
     item = figure_item(points, columns(points, labels, origins, thumbs))
     scripts = Resources(mode="inline", components=["bokeh", "bokeh-gl"]).render_js()
