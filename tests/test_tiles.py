@@ -220,6 +220,22 @@ def test_pixel_to_lonlat_corners_are_the_scene_bounds(data):
     assert mercantile.tile(float(clon), float(clat), zoom) == cell.tiles[0]
 
 
+@props
+@given(st.data())
+def test_lonlat_to_pixel_inverts_pixel_to_lonlat(data):
+    size = data.draw(st.sampled_from([1, 2, 4, 8]))
+    zoom = data.draw(st.integers(3, 22))
+    n = 2**zoom // size
+    cell = SceneCell(zoom, data.draw(st.integers(0, n - 1)) * size, data.draw(st.integers(0, n - 1)) * size, size)
+    side = size * 256
+    row = data.draw(st.floats(0, side))
+    col = data.draw(st.floats(0, side))
+    lon, lat = cell.pixel_to_lonlat(row, col)
+    back = cell.lonlat_to_pixel(lon, lat)
+    # A tenth of a pixel: far below a superpixel; float64 degrees limit it at high zoom near the poles.
+    np.testing.assert_allclose(back, (row, col), rtol=0, atol=0.1)
+
+
 def test_scene_cell_records():
     cell = next(scene_grid("13.40,52.50,13.41,52.51", 18, 4))
     assert cell.scene_id == f"18/{cell.x0}/{cell.y0}/4"

@@ -114,6 +114,15 @@ class SceneCell:
         y = (self.y0 * tile_size + np.asarray(row, dtype=float)) / world
         return x * 360.0 - 180.0, np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * y))))
 
+    def lonlat_to_pixel(self, lon: float | np.ndarray, lat: float | np.ndarray, tile_size: int = 256):
+        """The inverse of :meth:`pixel_to_lonlat`: ``(row, col)`` of a lon/lat in the stitched scene
+        image (continuous; outside ``[0, size * tile_size)`` when the point is outside the cell).
+        How a reader's report, given in degrees, finds the superpixel under it."""
+        world = tile_size * 2.0**self.zoom
+        x = (np.asarray(lon, dtype=float) + 180.0) / 360.0
+        y = (1.0 - np.arcsinh(np.tan(np.radians(np.asarray(lat, dtype=float)))) / np.pi) / 2.0
+        return y * world - self.y0 * tile_size, x * world - self.x0 * tile_size
+
 
 def source_tiles(cell: SceneCell, zoom_up: int = 0) -> list[tuple[mercantile.Tile, int, int]]:
     """The tiles ``zoom_up`` zooms above the cell's that cover it, each with its ``(row, col)``

@@ -7,6 +7,9 @@ Layout (this module is the only one that knows it)::
       run.sqlite      scenes, regions (superpixels) and events, in WAL mode
       embeddings/     one Parquet shard per scene: scene_id, label, embedder, vector
       scenes/         a small overlay PNG per flagged scene, for the map's popups
+      models/v1, v2…  model versions after a retrain or rescore (v1: the scan's own model), never
+                      overwritten; run.sqlite says which is current
+      diff.geojson    what the latest rescore changed (diff.json: its counts and hectares)
       tiles-cache/    downloaded tiles of an HTTP source (unless the config names another cache)
       log.txt
 
@@ -20,6 +23,7 @@ half-recorded and never counted twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import io
@@ -160,6 +164,83 @@ class StoredEvent:
     message: str | None
 
 
+_VERSIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    version INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    model_hash TEXT NOT NULL,
+    parent INTEGER,
+    data_hash TEXT,
+    changes TEXT NOT NULL,
+    created REAL NOT NULL,
+    current INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    file TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    verdict TEXT,
+    note TEXT,
+    geometry TEXT,
+    matched TEXT NOT NULL,
+    reason TEXT,
+    imported REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One model the run has been scored with: ``path`` is its bundle (``models/vN``), ``parent``
+    the version it was retrained from, ``changes`` what went into it (counts, dropped positives)."""
+
+    version: int
+    path: Path
+    model_hash: str
+    parent: int | None
+    data_hash: str | None
+    changes: dict
+    created: float
+    current: bool
+
+
+@dataclass(frozen=True)
+class RescoredRegion:
+    """A superpixel's new verdict; ``polygon`` None keeps the stored one (or none)."""
+
+    label: int
+    probability: float | None
+    positive: bool
+    polygon: dict | None = None
+
+
+@dataclass(frozen=True)
+class RescoredScene:
+    """A done scene decided again from its stored embeddings."""
+
+    scene_id: str
+    flagged: bool
+    n_positive: int
+    max_probability: float | None
+    positive_area_m2: float
+    regions: tuple[RescoredRegion, ...]
+    overlay: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One report line of an imported feedback file: the superpixels it touched, or why none."""
+
+    file: str
+    line: int
+    verdict: str | None
+    note: str | None
+    geometry: dict | None
+    matched: tuple[tuple[str, int], ...]
+    reason: str | None
+    imported: float = 0.0
+
+
 @dataclass(frozen=True)
 class RunStatus:
     """Scene counts by status, flagged scenes, and the speed of the latest session (scenes/s).
@@ -222,6 +303,8 @@ class RunStore:
             self._db = sqlite3.connect(self.db_path, timeout=30)
             try:
                 self._check_schema()
+                if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'models'").fetchone():
+                    self._sync_config()  # a rescore killed between its commit and config.json
                 if config is not None:
                     self._db.execute("PRAGMA journal_mode=WAL")
                     self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across kill -9
@@ -487,6 +570,97 @@ class RunStore:
         with self._guard("read events"):
             rows = self._db.execute(f"SELECT ts, kind, scene_id, message FROM events {where} ORDER BY id", params).fetchall()
         return [StoredEvent(*row) for row in rows]
+
+    # --- model versions, rescoring and feedback --------------------------------------------------
+
+    def _versions_schema(self) -> None:
+        """The tables of retraining, made on first use (runs scanned before them simply have none)."""
+        with self._guard("prepare the model-version tables"):
+            self._db.executescript(_VERSIONS_SCHEMA)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.run_dir / "models"
+
+    def model_versions(self) -> list[ModelVersion]:
+        self._versions_schema()
+        with self._guard("read model versions"):
+            rows = self._db.execute("SELECT version, path, model_hash, parent, data_hash, changes, created, current "
+                                    "FROM models ORDER BY version").fetchall()
+        return [ModelVersion(v, self.run_dir / p, h, parent, d, json.loads(c), t, bool(cur))
+                for v, p, h, parent, d, c, t, cur in rows]
+
+    def current_version(self) -> ModelVersion | None:
+        return next((v for v in self.model_versions() if v.current), None)
+
+    def next_version_dir(self) -> tuple[int, Path]:
+        """The number and folder of the next model version. A folder left by a version that was
+        never committed (a kill in the middle of a retrain) is reused: it is not in the table."""
+        versions = self.model_versions()
+        n = max((v.version for v in versions), default=0) + 1
+        return n, self.models_dir / f"v{n}"
+
+    def apply_rescore(self, scenes: list[RescoredScene], version: ModelVersion, message: str) -> None:
+        """Store a rescore: every scene's new verdict, the model version (added, or chosen again
+        by a rollback) as current, and an event, in one transaction; then the config names the
+        current model so a resumed scan scores new scenes with it. A kill before the commit leaves
+        the run as it was; after it, a reopened run finishes the config (``_sync_config``)."""
+        self._versions_schema()
+        with self._guard("store the rescored run"):
+            for scene in scenes:
+                if scene.overlay is not None:
+                    write_png(self.overlay_path(scene.scene_id), scene.overlay)
+            with self._db:
+                self._db.execute("UPDATE models SET current = 0")
+                self._db.execute(
+                    "INSERT INTO models (version, path, model_hash, parent, data_hash, changes, created, current) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (version) DO UPDATE SET current = 1",
+                    (version.version, version.path.relative_to(self.run_dir).as_posix(), version.model_hash,
+                     version.parent, version.data_hash, json.dumps(version.changes), version.created))
+                for scene in scenes:
+                    self._db.execute(
+                        "UPDATE scenes SET flagged = ?, n_positive = ?, max_probability = ?, positive_area_m2 = ?, "
+                        "model = ?, updated_at = ? WHERE scene_id = ?",
+                        (int(scene.flagged), scene.n_positive, scene.max_probability, scene.positive_area_m2,
+                         version.model_hash, time.time(), scene.scene_id))
+                    self._db.executemany(
+                        "UPDATE regions SET probability = ?, positive = ?, polygon = COALESCE(?, polygon) "
+                        "WHERE scene_id = ? AND label = ?",
+                        [(g.probability, int(g.positive), None if g.polygon is None else json.dumps(g.polygon),
+                          scene.scene_id, g.label) for g in scene.regions])
+                self._event("rescore", message=message)
+        self._sync_config()
+
+    def _sync_config(self) -> None:
+        """Point config.json at the current model version (after a rescore or rollback)."""
+        current = self.current_version()
+        config = self.config
+        if current is None or (config.model == str(current.path) and config.model_hash == current.model_hash):
+            return
+        with self._guard("update config.json"):
+            atomic.write_json(self.config_path, dataclasses.replace(
+                config, model=str(current.path), model_hash=current.model_hash).to_json())
+
+    def add_feedback(self, rows: list[FeedbackRow]) -> None:
+        """Record the lines of one imported feedback file, all or none."""
+        self._versions_schema()
+        now = time.time()
+        with self._guard("record feedback"), self._db:
+            self._db.executemany(
+                "INSERT INTO feedback (file, line, verdict, note, geometry, matched, reason, imported) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.file, r.line, r.verdict, r.note, None if r.geometry is None else json.dumps(r.geometry),
+                  json.dumps([list(m) for m in r.matched]), r.reason, now) for r in rows])
+            self._event("feedback", message=f"{len(rows)} reports imported")
+
+    def feedback(self) -> list[FeedbackRow]:
+        self._versions_schema()
+        with self._guard("read feedback"):
+            rows = self._db.execute("SELECT file, line, verdict, note, geometry, matched, reason, imported "
+                                    "FROM feedback ORDER BY id").fetchall()
+        return [FeedbackRow(f, line, v, n, None if g is None else json.loads(g),
+                            tuple((s, int(k)) for s, k in json.loads(m)), r, t)
+                for f, line, v, n, g, m, r, t in rows]
 
     def embeddings(self):
         """All stored embeddings as one ``pyarrow.Table`` (scene_id, label, embedder, vector), for

@@ -1,0 +1,242 @@
+"""Rescore a whole run with another model from the embeddings it stored: no tile, no CNN pass.
+
+The study needed two weeks to reprocess 450,000 images after its readers' corrections. Embedding
+is what costs (a CNN pass per superpixel); the classifier on stored embeddings costs microseconds
+per superpixel. So a run keeps every scored superpixel's embedding (``embeddings/``), and a
+retrained model (or any model with the same embedder) rescores it in minutes:
+
+1. every stored embedding is scored again, and every done scene is decided again with the scene
+   rule ("more than ``min_positive`` positive superpixels");
+2. a superpixel that becomes positive gets its outline from the stored tiles, segmented again
+   exactly as the scan did (``resegment``); when the tiles are gone it keeps its bbox only;
+3. the new verdicts, and the model version that made them, are stored in one transaction, and a
+   diff of what changed is written (``diff.geojson``, ``diff.json``).
+
+Model versions live in ``RUN_DIR/models/vN`` and are never overwritten: ``v1`` is a copy of the
+scan's own model, made on the first rescore, so a rollback to it works even if the original
+bundle moves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import atomic
+from ..errors import AmberHunterError, ModelBundleError, RunStoreError
+from ..geo.tiles import Bounds
+from ..model.classify import ModelBundle, load_bundle, resolve_model
+from .config import model_hash
+from .store import ModelVersion, RescoredRegion, RescoredScene, RunStore, StoredScene
+
+#: Above this share of superpixels changing verdict, the diff says so loudly: either the model
+#: really is that different, or it was trained for another area or resolution.
+LARGE_CHANGE = 0.2
+
+
+@dataclass
+class DiffSide:
+    """Scenes and superpixels on one side of a diff, with the hectares of their superpixels."""
+
+    scenes: list[str] = field(default_factory=list)
+    superpixels: list[tuple[str, int]] = field(default_factory=list)
+    hectares: float = 0.0
+
+
+@dataclass(frozen=True)
+class RescoreDiff:
+    """What a rescore changed: flagged scenes and positive superpixels added, removed and kept."""
+
+    before: int | None
+    after: int
+    added: DiffSide
+    removed: DiffSide
+    kept: DiffSide
+    outlines_missing: int = 0
+
+    def summary(self) -> dict:
+        side = lambda d: {"scenes": len(d.scenes), "superpixels": len(d.superpixels), "hectares": round(d.hectares, 3)}
+        return {"from_version": self.before, "to_version": self.after, "added": side(self.added),
+                "removed": side(self.removed), "kept": side(self.kept), "outlines_missing": self.outlines_missing,
+                "scenes_added": self.added.scenes, "scenes_removed": self.removed.scenes}
+
+
+def _check_compatible(store: RunStore, bundle: ModelBundle, table) -> None:
+    embedders = set(table.column("embedder").to_pylist())
+    if embedders != {bundle.metadata.embedder}:
+        raise ModelBundleError(
+            f"the run's embeddings come from {', '.join(sorted(map(str, embedders)))} but the model uses "
+            f"{bundle.metadata.embedder}; pick a model trained on {', '.join(sorted(map(str, embedders)))}, or rescan "
+            f"with 'amber-hunter scan --run {store.run_dir} --model M --force'")
+
+
+def _stored_vectors(store: RunStore, bundle: ModelBundle) -> tuple[dict[tuple[str, int], int], np.ndarray]:
+    """Row index of every stored embedding by (scene, label), and the vectors, checked."""
+    table = store.embeddings()
+    _check_compatible(store, bundle, table)
+    vectors = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                         np.float32).reshape(table.num_rows, -1)
+    if vectors.shape[1] != bundle.metadata.dim:
+        raise ModelBundleError(f"the run's embeddings have {vectors.shape[1]} dimensions, the model "
+                               f"{bundle.metadata.dim}; pick a model with the run's embedder")
+    keys = list(zip(table.column("scene_id").to_pylist(), table.column("label").to_pylist()))
+    return {k: i for i, k in enumerate(keys)}, vectors
+
+
+def ensure_first_version(store: RunStore) -> ModelVersion:
+    """The current version; on the first rescore, version 1: a copy of the model the scan used,
+    registered at once, so that every version a run was ever scored with stays in the run."""
+    current = store.current_version()
+    if current is not None:
+        return current
+    config = store.config
+    source = resolve_model(config.model)
+    n, folder = store.next_version_dir()
+    _copy_bundle(source, folder)
+    first = ModelVersion(n, folder, config.model_hash or model_hash(config.model), None, None,
+                         {"what": f"the scan's own model ({source})"}, time.time(), True)
+    store.apply_rescore([], first, "version 1: the scan's own model")
+    return first
+
+
+def _copy_bundle(source: Path, folder: Path) -> None:
+    """Copy a bundle folder atomically: to a temporary sibling, then renamed into place."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # an uncommitted leftover of an interrupted retrain
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, tmp)
+    tmp.rename(folder)
+
+
+def _decide(scene: StoredScene, regions, probs: dict[int, float], threshold: float, min_positive: int):
+    new = []
+    for g in regions:
+        p = probs.get(g.label)
+        new.append(RescoredRegion(g.label, p, p is not None and p >= threshold))
+    positive = [g for g in new if g.positive]
+    areas = {g.label: g.area_m2 for g in regions}
+    scored = [g.probability for g in new if g.probability is not None]
+    return new, len(positive) > min_positive, sum(areas[g.label] for g in positive), max(scored) if scored else None
+
+
+def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None = None,
+                version: ModelVersion | None = None, progress=None) -> RescoreDiff:
+    """Score every stored superpixel of ``run_dir`` with ``model`` and decide every scene again.
+
+    ``model`` becomes a new version of the run (copied into ``models/vN``) unless ``version``
+    names an existing one (a rollback). ``changes`` says what went into the model (from retrain).
+    """
+    from ..model.detect import aggregate, overlay
+    from ..model.segment import Segmentation
+    from .resegment import resegment
+    from .scan import _thumbnail, region_outline
+    from .scenes import cell_from_id
+
+    run_dir = Path(run_dir)
+    with RunStore(run_dir) as store:
+        path = resolve_model(model) if version is None else version.path
+        bundle = load_bundle(path)
+        index, vectors = _stored_vectors(store, bundle)
+        before = ensure_first_version(store)
+        probs_all = bundle.predict_proba(vectors) if len(vectors) else np.zeros(0, np.float32)
+        threshold, min_positive = bundle.metadata.threshold, store.config.min_positive
+        slic = bundle.slic_params()
+        rescored, added, removed, kept = [], DiffSide(), DiffSide(), DiffSide()
+        missing = 0
+        scenes = [s for s in store.scenes() if s.status == "done"]
+        for k, scene in enumerate(scenes):
+            regions = store.regions(scene.scene_id)
+            probs = {g.label: float(probs_all[index[(scene.scene_id, g.label)]]) for g in regions
+                     if (scene.scene_id, g.label) in index}
+            new, flagged, area, max_p = _decide(scene, regions, probs, threshold, min_positive)
+            was = {g.label for g in regions if g.positive}
+            now = {g.label for g in new if g.positive}
+            picture = None
+            if now - was or (flagged and (now != was or not scene.flagged)):
+                try:  # outlines of the new positives, and the map's picture of a changed flagged scene
+                    again = resegment(store, scene.scene_id, slic)
+                    cell = cell_from_id(scene.scene_id)
+                    new = [RescoredRegion(g.label, g.probability, g.positive, region_outline(again.regions[g.label], cell))
+                           if g.label in now - was and g.label in again.regions else g for g in new]
+                    if flagged:
+                        ordered = sorted(again.regions.values(), key=lambda r: r.label)
+                        p = np.array([probs.get(r.label, np.nan) for r in ordered], np.float32)
+                        seg = Segmentation(again.labels, ordered)
+                        picture = _thumbnail(overlay(again.image, seg, aggregate(p, seg, threshold, min_positive)))
+                except AmberHunterError:
+                    missing += len(now - was)
+            rescored.append(RescoredScene(scene.scene_id, flagged, len(now), max_p, area, tuple(new), picture))
+            areas = {g.label: g.area_m2 / 10_000 for g in regions}
+            for side, labels in ((added, now - was), (removed, was - now), (kept, now & was)):
+                side.superpixels.extend((scene.scene_id, g) for g in sorted(labels))
+                side.hectares += sum(areas[g] for g in labels)
+            if flagged and not scene.flagged:
+                added.scenes.append(scene.scene_id)
+            elif scene.flagged and not flagged:
+                removed.scenes.append(scene.scene_id)
+            elif flagged:
+                kept.scenes.append(scene.scene_id)
+            if progress is not None:
+                progress(k + 1, len(scenes))
+        if version is None:
+            n, folder = store.next_version_dir()
+            _copy_bundle(path, folder)
+            version = ModelVersion(n, folder, model_hash(str(folder)), before.version,
+                                   bundle.metadata.training.get("data_hash"), changes or {"what": f"rescored with {path}"},
+                                   time.time(), True)
+        diff = RescoreDiff(before.version, version.version, added, removed, kept, missing)
+        _write_diff(store, diff)
+        store.apply_rescore(rescored, version, json.dumps(diff.summary()))
+    return diff
+
+
+def _write_diff(store: RunStore, diff: RescoreDiff) -> None:
+    """``diff.geojson``: one feature per changed or kept scene and superpixel (outline where the
+    run has one, else its bbox), with ``change`` = added / removed / kept; ``diff.json``: counts."""
+    features = []
+    bounds = {s.scene_id: s.bounds for s in store.scenes()}
+    for change, side in (("added", diff.added), ("removed", diff.removed), ("kept", diff.kept)):
+        for scene_id in side.scenes:
+            features.append(_feature(_rectangle(bounds[scene_id]), {"kind": "scene", "scene_id": scene_id, "change": change}))
+        by_scene: dict[str, list[int]] = {}
+        for scene_id, label in side.superpixels:
+            by_scene.setdefault(scene_id, []).append(label)
+        for scene_id, labels in by_scene.items():
+            stored = {g.label: g for g in store.regions(scene_id)}
+            for label in labels:
+                g = stored[label]
+                features.append(_feature(g.polygon or _rectangle(g.bbox), {
+                    "kind": "superpixel", "scene_id": scene_id, "label": label, "change": change,
+                    "area_ha": round(g.area_m2 / 10_000, 4)}))
+    try:
+        atomic.write_json(store.run_dir / "diff.geojson", {"type": "FeatureCollection", "features": features})
+        atomic.write_json(store.run_dir / "diff.json", diff.summary())
+    except OSError as exc:
+        raise RunStoreError(f"cannot write the diff in {store.run_dir} ({exc.strerror or exc}); free some space "
+                            "and rerun") from None
+
+
+def _rectangle(b: Bounds) -> dict:
+    return {"type": "Polygon", "coordinates": [[[b.west, b.south], [b.east, b.south], [b.east, b.north],
+                                                [b.west, b.north], [b.west, b.south]]]}
+
+
+def _feature(geometry: dict, properties: dict) -> dict:
+    return {"type": "Feature", "geometry": geometry, "properties": properties}
+
+
+def rollback(run_dir: str | Path, version: int) -> RescoreDiff:
+    """Make model version ``version`` current again and rescore the run with it."""
+    with RunStore(Path(run_dir)) as store:
+        versions = {v.version: v for v in store.model_versions()}
+    if version not in versions:
+        have = ", ".join(f"v{v}" for v in sorted(versions)) or "none yet"
+        raise RunStoreError(f"{run_dir} has no model version v{version} (it has {have}); see 'amber-hunter feedback "
+                            f"list {run_dir}'")
+    return rescore_run(run_dir, versions[version].path, version=versions[version])

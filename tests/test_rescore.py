@@ -1,0 +1,153 @@
+"""Rescoring a run from its stored embeddings: the same model changes nothing, another threshold
+changes exactly what it should (with outlines for new positives and a diff), versions are kept
+and a rollback restores the first verdicts, an incompatible model is refused in one line, and a
+rescore killed with -9 leaves the run as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scan_fixtures import results
+
+from amber_hunter.errors import ModelBundleError, RunStoreError
+from amber_hunter.model.classify import bundled_model_path, load_bundle, save_bundle
+from amber_hunter.run.rescore import rescore_run, rollback
+from amber_hunter.run.store import RunStore
+
+
+def _with_threshold(model: Path, threshold: float, out: Path) -> Path:
+    bundle = load_bundle(model)
+    return save_bundle(dataclasses.replace(bundle, metadata=dataclasses.replace(bundle.metadata, threshold=threshold)), out)
+
+
+@pytest.fixture
+def run(folder_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(folder_run, copy)
+    return copy
+
+
+def _same(a, b) -> bool:
+    """Two ``results`` equal but for float noise in probabilities: the scan scored float64
+    features, a rescore the float32 embeddings the run stored (differences ~1e-5)."""
+    (scenes_a, regions_a), (scenes_b, regions_b) = a, b
+    strip = lambda rows, k: [r[:k] + r[k + 1:] for r in rows]
+    return (strip(scenes_a, 5) == strip(scenes_b, 5) and strip(regions_a, 2) == strip(regions_b, 2)
+            and all(abs(x[5] - y[5]) < 1e-4 for x, y in zip(scenes_a, scenes_b) if x[5] is not None)
+            and all(abs(x[2] - y[2]) < 1e-4 for x, y in zip(regions_a, regions_b)))
+
+
+def _flagged(run: Path) -> set[str]:
+    with RunStore(run) as store:
+        return {s.scene_id for s in store.scenes(flagged_only=True)}
+
+
+def test_the_same_model_changes_nothing(run, tiny_model):
+    scenes, regions = results(run)
+    diff = rescore_run(run, tiny_model)
+    assert (diff.before, diff.after) == (1, 2)
+    assert diff.added.superpixels == diff.removed.superpixels == [] and diff.added.scenes == diff.removed.scenes == []
+    assert len(diff.kept.scenes) == len(_flagged(run)) > 0
+    assert _same(results(run), (scenes, regions))
+    with RunStore(run) as store:
+        versions = store.model_versions()
+        assert [(v.version, v.current, v.parent) for v in versions] == [(1, False, None), (2, True, 1)]
+        assert all((v.path / "model.json").is_file() for v in versions)
+        assert store.config.model == str(run / "models" / "v2")
+
+
+def test_a_stricter_model_unflags_writes_a_diff_and_rollback_restores(run, tiny_model, tmp_path):
+    before = results(run)
+    flagged = _flagged(run)
+    strict = _with_threshold(tiny_model, 0.9999, tmp_path / "strict")
+    diff = rescore_run(run, strict)
+    assert sorted(diff.removed.scenes) == sorted(flagged) and _flagged(run) == set()
+    assert diff.removed.hectares > 0 and diff.added.superpixels == []
+    geo = json.loads((run / "diff.geojson").read_text())
+    removed = {f["properties"]["scene_id"] for f in geo["features"]
+               if f["properties"]["kind"] == "scene" and f["properties"]["change"] == "removed"}
+    assert removed == flagged
+    assert json.loads((run / "diff.json").read_text())["removed"]["scenes"] == len(flagged)
+    diff = rollback(run, 1)
+    assert sorted(diff.added.scenes) == sorted(flagged)
+    assert _same(results(run), before)
+    with RunStore(run) as store:
+        assert [(v.version, v.current) for v in store.model_versions()] == [(1, True), (2, False)]
+    with pytest.raises(RunStoreError, match="no model version v7"):
+        rollback(run, 7)
+
+
+def test_new_positives_get_outlines_from_the_stored_tiles(run, tiny_model, tmp_path):
+    lenient = _with_threshold(tiny_model, 0.02, tmp_path / "lenient")
+    diff = rescore_run(run, lenient)
+    assert diff.added.superpixels and diff.outlines_missing == 0
+    with RunStore(run) as store:
+        for scene_id, label in diff.added.superpixels:
+            region = next(g for g in store.regions(scene_id) if g.label == label)
+            assert region.positive and region.polygon is not None and region.polygon["type"] == "Polygon"
+        for scene_id in diff.added.scenes:
+            assert store.overlay_path(scene_id).is_file()
+
+
+def test_a_model_with_another_embedder_is_refused(run):
+    with pytest.raises(ModelBundleError, match="pick a model trained on texture.*or rescan") as info:
+        rescore_run(run, bundled_model_path("default"))
+    assert "\n" not in str(info.value)
+    with RunStore(run) as store:
+        assert store.model_versions() == []
+
+
+KILLED = """
+import sys, time
+from amber_hunter.run import store as s
+original = s.RunStore._event
+def slow(self, kind, scene_id=None, message=None):
+    original(self, kind, scene_id, message)
+    if kind == "rescore" and message and message.startswith("{"):  # inside the transaction
+        print("committing", flush=True)
+        time.sleep(120)
+s.RunStore._event = slow
+from amber_hunter.run.rescore import rescore_run
+rescore_run(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_rescore_killed_before_its_commit_leaves_the_run_as_it_was(run, tiny_model, tmp_path):
+    before = results(run)
+    strict = _with_threshold(tiny_model, 0.9999, tmp_path / "strict")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(run), str(strict)], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "committing" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the rescore ended before it reached its transaction"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "committing" in line
+    assert results(run) == before
+    with RunStore(run) as store:
+        assert [(v.version, v.current) for v in store.model_versions()] == [(1, True)]
+    diff = rescore_run(run, strict)  # the leftover models/v2 folder is reused
+    assert diff.after == 2 and _flagged(run) == set()
+
+
+def test_a_kill_between_commit_and_config_is_finished_on_reopen(run, tiny_model):
+    rescore_run(run, tiny_model)
+    config = json.loads((run / "config.json").read_text())
+    config["model"] = str(tiny_model)  # as if killed after the commit, before config.json
+    (run / "config.json").write_text(json.dumps(config))
+    with RunStore(run) as store:
+        assert store.config.model == str(run / "models" / "v2")
