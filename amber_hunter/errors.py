@@ -70,3 +70,8 @@ class RunStoreError(RunAbortError):
 class SceneUnavailableError(AmberHunterError):
     """A scanned scene whose pixels cannot be shown or segmented again without a new fetch: its
     tiles were pruned from the run's tile cache (they are never fetched again silently)."""
+
+
+class FeedbackError(AmberHunterError):
+    """A feedback file that cannot be read, or a retrain that cannot be done honestly (too few
+    examples of a class, training data not on this machine)."""

@@ -35,16 +35,25 @@ def test_export_writes_detections_summary_and_map(folder_run, tmp_path):
         assert {"scene_id", "probability", "capture_date", "kind"} <= set(f["properties"])
         assert f["geometry"]["type"] == "Polygon" and "licensed" not in f["properties"]
     data = json.loads(paths.summary.read_text())
-    assert {"scenes_scanned", "scenes_flagged", "damaged_ha", "damaged_ha_by_year"} <= set(data)
+    assert {"scenes_scanned", "scenes_flagged", "positive_superpixel_ha", "positive_superpixel_ha_by_year",
+            "disturbed_ha", "disturbed_ha_by_year"} <= set(data)
     assert (data["scenes_scanned"], data["scenes_flagged"]) == (3, len(flagged))
     expected_ha = sum(s.positive_area_m2 for s, _ in flagged) / 10_000
-    assert data["damaged_ha"] == pytest.approx(expected_ha, abs=1e-3) and data["damaged_ha"] > 0
-    assert data["damaged_ha_by_year"] == {"unknown": data["damaged_ha"]}
+    assert data["positive_superpixel_ha"] == pytest.approx(expected_ha, abs=1e-3) and data["positive_superpixel_ha"] > 0
+    assert data["positive_superpixel_ha_by_year"] == {"unknown": data["positive_superpixel_ha"]}
+    # the estimate is measured on every flagged scene (its tiles are local) and lies below the bound
+    assert data["scenes_estimated"] == len(flagged)
+    assert 0 < data["disturbed_ha"] < data["positive_superpixel_ha"]
     page = paths.map.read_text()
-    assert "flagged scenes" in page and "positive superpixels" in page and "Leaflet 1.9." in page
-    popups = json.loads(re.search(r"var amberScenePopups = (.*?);</script>", page)[1])  # per scene, not per superpixel
-    assert sorted(popups) == sorted(s.scene_id for s, _ in flagged)
-    assert all(html.count("<img src=\"data:image/png;base64,") == 1 for html in popups.values())
+    assert "Leaflet 1.9." in page and "MarkerClusterGroup" in page
+    table = json.loads(re.search(r"window.AMBER = (.*?);</script>", page)[1])
+    assert sorted(s[0] for s in table["scenes"]) == sorted(s.scene_id for s, _ in flagged)
+    assert "data:image/png;base64" not in page.split("window.AMBER")[1]  # pictures are files, not inline
+    files = paths.map.parent / "map_files"
+    for scene, _ in flagged:
+        stem = scene.scene_id.replace("/", "_")
+        assert (files / "pictures" / f"{stem}.png").is_file() and (files / "scenes" / f"{stem}.js").is_file()
+    assert len(list((files / "imagery").glob("*.jpg"))) == 3  # every analysed scene, flagged or not
     assert "<script src=" not in page and "<link " not in page  # Leaflet is inlined; no CDN asset is left
     assert "tile.openstreetmap.org" in page  # the default base map, for users online
 
@@ -61,28 +70,37 @@ def test_scene_and_positive_areas_have_two_names_and_the_layer_sums_once(folder_
     # A 2x2-tile scene at zoom 18 near 50.6 N: 512 px at ~0.38 m/px, ~3.8 ha.
     assert all(35_000 < s["scene_area_m2"] < 40_000 and s["positive_area_m2"] < s["scene_area_m2"] for s in scenes)
     layer_ha = sum(f.get("area_m2", 0) for f in (p for p in pixels + scenes)) / 10_000
-    assert layer_ha == pytest.approx(summary.damaged_ha, abs=1e-3)
+    assert layer_ha == pytest.approx(summary.positive_superpixel_ha, abs=1e-3)
+    estimate_ha = sum(p["disturbed_m2"] for p in pixels) / 10_000
+    assert estimate_ha == pytest.approx(summary.disturbed_ha, abs=1e-3)
+    assert all(s["disturbed_area_m2"] <= s["positive_area_m2"] for s in scenes)
 
 
 @pytest.mark.parametrize("basemap, expected", [
-    ("none", None),
-    ("https://tiles.example.org/{z}/{x}/{-y}.png", '"maxNativeZoom": 18'),
+    ("none", '"basemap":null'),
+    ("https://tiles.example.org/{z}/{x}/{-y}.png", '"maxNativeZoom":18'),
+    ("https://t{s}.example.net/tiles/a{q}.jpeg?g=1", '"subdomains":["a","b","c"]'),
 ])
-def test_basemap_is_none_or_an_xyz_template(basemap, expected, folder_run, tmp_path):
+def test_basemap_is_none_or_any_template_a_scan_accepts(basemap, expected, folder_run, tmp_path):
     page = export(folder_run, tmp_path / "out", basemap=basemap)[0].map.read_text()
-    assert "openstreetmap" not in page
-    if expected is None:
-        assert "L.tileLayer(" not in page
-    else:
-        assert basemap in page and expected in page
+    assert "openstreetmap.org/{z}" not in page and expected in page
+    if basemap != "none":
+        assert json.dumps(basemap) in page
 
 
-@pytest.mark.parametrize("basemap", ["https://t.example.org/{q}.jpeg", "https://t.example.org/{z}/{x}/{y}?k={key}",
+@pytest.mark.parametrize("basemap", ["https://t.example.org/{z}/{x}/{y}?k={key}", "https://t.example.org/{zoom}/{x}/{y}",
                                      "/data/tiles", "satellite"])
-def test_a_basemap_leaflet_cannot_draw_is_refused_before_writing(basemap, folder_run, tmp_path):
-    with pytest.raises(ConfigError, match="--basemap .* is not osm, none, or an http"):
+def test_a_basemap_the_page_cannot_draw_is_refused_before_writing(basemap, folder_run, tmp_path):
+    with pytest.raises(ConfigError, match="--basemap"):
         export(folder_run, tmp_path / "out", basemap=basemap)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_basemap_key_comes_from_the_environment(folder_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMBER_TEST_MAP_KEY", "k123")
+    page = export(folder_run, tmp_path / "out", basemap="https://t.example.org/{z}/{x}/{y}?k={key}",
+                  basemap_key_env="AMBER_TEST_MAP_KEY")[0].map.read_text()
+    assert '"key":"k123"' in page
 
 
 def test_a_run_without_detections_maps_the_area_it_scanned(tmp_path):
@@ -91,8 +109,8 @@ def test_a_run_without_detections_maps_the_area_it_scanned(tmp_path):
     paths, summary = export(tmp_path / "run", tmp_path / "out", basemap="none")
     page = paths.map.read_text()
     assert summary.scenes_flagged == 0 and json.loads(paths.detections.read_text())["features"] == []
-    assert "area scanned" in page and "flagged scenes" not in page
-    assert "[[50.62, 26.25], [50.63, 26.26]]" in page  # the view fits the area
+    table = json.loads(re.search(r"window.AMBER = (.*?);</script>", page)[1])
+    assert table["scenes"] == [] and table["bounds"] == [50.62, 26.25, 50.63, 26.26]  # the view fits the area
 
 
 def test_registry_marks_detections_inside_licensed_areas(folder_run, tmp_path):
@@ -107,6 +125,10 @@ def test_registry_marks_detections_inside_licensed_areas(folder_run, tmp_path):
     features = json.loads(paths.detections.read_text())["features"]
     for f in features:
         assert f["properties"]["licensed"] == (f["properties"]["scene_id"] == licensed_scene.scene_id)
+        if f["properties"]["kind"] == "scene":
+            inside = f["properties"]["scene_id"] == licensed_scene.scene_id
+            assert f["properties"]["licence_status"] == ("licensed" if inside else "unlicensed")
+            assert (f["properties"]["unlicensed_area_m2"] == 0) == inside
     assert summary.scenes_unlicensed == len(flagged) - 1
     assert summary.superpixels_unlicensed == sum(len(r) for s, r in flagged[1:])
     assert json.loads(paths.summary.read_text())["scenes_unlicensed"] == summary.scenes_unlicensed

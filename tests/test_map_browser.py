@@ -1,169 +1,133 @@
-"""map.html in a real headless Chromium: it loads offline without console errors, draws the
-detections, and clicking one opens the scene's overlay picture.
-
-A string check of the HTML cannot tell whether Leaflet actually runs without its CDN assets, so
-the page is opened from a file:// URL in Debian's ``chromium`` and inspected over the DevTools
-protocol (a websocket on 127.0.0.1; the port is the one Chromium reports in DevToolsActivePort).
-Chromium runs in its own process group, which is always killed, and the test keeps its own
-deadline.
-"""
+"""map.html in real headless Chromium (Selenium): it opens offline from file:// with no console
+error and no request leaving the machine, shows its title, legend, totals and area of interest,
+a detection's popup has rounded, labelled values with lat/lon and date, and a "false positive"
+mark downloads as the GeoJSON that ``feedback import`` reads (its schema, then a real import)."""
 
 from __future__ import annotations
 
-import base64
-import itertools
 import json
-import os
-import signal
-import subprocess
+import shutil
+import re
 import time
-from pathlib import Path
 
+import chromium
 import pytest
-import websocket
 
 from amber_hunter.export.writers import export
+from amber_hunter.run.store import RunStore
 
-CHROMIUM = Path("/usr/bin/chromium")
-TIMEOUT_S = 60.0
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--window-size=1200,900", "--remote-debugging-port=0")
+pytestmark = [pytest.mark.skipif(not chromium.available(), reason="Debian packages chromium and chromium-driver are needed"),
+              pytest.mark.slow]
+pytest.importorskip("selenium")
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is absent (Debian package 'chromium')")
-
-#: The centre of the first detection that is not hidden under a control, in CSS pixels.
-CLICK_TARGET_JS = """(() => {
-    for (const path of document.querySelectorAll('path.leaflet-interactive')) {
-        const r = path.getBoundingClientRect();
-        const x = r.left + r.width / 2, y = r.top + r.height / 2;
-        const hit = document.elementFromPoint(x, y);
-        if (hit && hit.classList.contains('leaflet-interactive')) return [x, y];
-    }
-    return null;
-})()"""
-#: Resolves to the natural width of the popup's picture once it is decoded (0 after 10 s without).
-POPUP_IMAGE_JS = """new Promise(resolve => {
-    const start = Date.now();
-    (function poll() {
-        const img = document.querySelector('.leaflet-popup-content img');
-        if (img && img.complete && img.naturalWidth > 0) resolve(img.naturalWidth);
-        else if (Date.now() - start > 10000) resolve(0);
-        else setTimeout(poll, 50);
-    })();
-})"""
+VERDICTS = {"mining", "not-mining"}
 
 
-class DevTools:
-    """A minimal DevTools-protocol client for one page, bounded by the test's deadline.
-
-    Commands wait for their own answer; every event that arrives meanwhile is kept in ``events``.
-    """
-
-    def __init__(self, browser_url: str, deadline: float):
-        self.deadline = deadline
-        self.events: list[dict] = []
-        self._ids = itertools.count(1)
-        self._session = None  # browser-level commands first, then everything goes to the page
-        self._ws = websocket.create_connection(browser_url, timeout=self._left(), suppress_origin=True)
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self._session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-
-    def _left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"Chromium did not finish within {TIMEOUT_S:.0f} s")
-        return left
-
-    def _receive(self) -> dict:
-        self._ws.settimeout(self._left())
-        return json.loads(self._ws.recv())
-
-    def send(self, method: str, **params) -> dict:
-        message_id = next(self._ids)
-        message = {"id": message_id, "method": method, "params": params}
-        if self._session:
-            message["sessionId"] = self._session
-        self._ws.send(json.dumps(message))
-        while True:
-            message = self._receive()
-            if message.get("id") == message_id:
-                assert "error" not in message, f"{method}: {message['error']}"
-                return message["result"]
-            self.events.append(message)
-
-    def wait_for(self, method: str) -> dict:
-        while not any(e.get("method") == method for e in self.events):
-            self.events.append(self._receive())
-        return next(e for e in self.events if e.get("method") == method)
-
-    def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    def close(self) -> None:
-        self._ws.close()
-
-    def errors(self) -> list[str]:
-        """Console errors, logged errors (failed loads among them) and uncaught exceptions."""
-        found = []
-        for event in self.events:
-            method, params = event.get("method"), event.get("params", {})
-            if method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-                found.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
-            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-                found.append(f"log: {params['entry']['text']} {params['entry'].get('url', '')}")
-            elif method == "Runtime.exceptionThrown":
-                details = params["exceptionDetails"]
-                found.append(f"exception: {details.get('exception', {}).get('description', details['text'])}")
-        return found
-
-    def requests(self) -> list[str]:
-        return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+def check_feedback_geojson(obj: dict) -> None:
+    """The schema of issue 9's ``feedback import`` GeoJSON: points or polygons, each with a
+    ``verdict`` of mining or not-mining and an optional string ``note``."""
+    assert obj["type"] == "FeatureCollection" and isinstance(obj["features"], list)
+    for f in obj["features"]:
+        assert f["type"] == "Feature" and f["geometry"]["type"] in ("Point", "Polygon")
+        assert f["properties"]["verdict"] in VERDICTS
+        assert isinstance(f["properties"].get("note", ""), str)
+        rings = [f["geometry"]["coordinates"]] if f["geometry"]["type"] == "Point" else f["geometry"]["coordinates"][0]
+        for lon, lat in rings:
+            assert -180 <= lon <= 180 and -90 <= lat <= 90
 
 
-def _browser_url(profile: Path, proc: subprocess.Popen, deadline: float) -> str:
-    """The browser's websocket address, from the DevToolsActivePort file Chromium writes on start."""
-    port_file = profile / "DevToolsActivePort"
-    while True:
-        lines = port_file.read_text().split() if port_file.is_file() else []
-        if len(lines) == 2:
-            return f"ws://127.0.0.1:{lines[0]}{lines[1]}"
-        assert proc.poll() is None, f"Chromium exited with code {proc.returncode} before opening DevTools"
-        assert time.monotonic() < deadline, f"Chromium opened no DevTools port within {TIMEOUT_S:.0f} s"
-        time.sleep(0.05)
-
-
-def test_map_loads_offline_shows_detections_and_opens_a_popup(folder_run, tmp_path):
-    paths, summary = export(folder_run, tmp_path / "out", basemap="none")
-    detections = len(json.loads(paths.detections.read_text())["features"])
-    assert summary.scenes_flagged > 0
-    deadline = time.monotonic() + TIMEOUT_S
-    profile = tmp_path / "chromium-profile"
-    proc = subprocess.Popen([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+@pytest.fixture
+def browser(tmp_path):
+    b = chromium.Browser(tmp_path / "profile", downloads=tmp_path / "downloads")
     try:
-        page = DevTools(_browser_url(profile, proc, deadline), deadline)
-        try:
-            for domain in ("Runtime", "Log", "Page", "Network"):
-                page.send(f"{domain}.enable")
-            page.send("Page.navigate", url=paths.map.as_uri())
-            page.wait_for("Page.loadEventFired")
-            assert page.evaluate("document.querySelectorAll('path.leaflet-interactive').length") == detections
-            layers = page.evaluate("document.querySelector('.leaflet-control-layers').textContent")
-            assert "flagged scenes" in layers and "positive superpixels" in layers
-            x, y = page.evaluate(CLICK_TARGET_JS)
-            for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-                page.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-            assert page.evaluate(POPUP_IMAGE_JS) > 0, "clicking a detection opened no popup with a picture"
-            screenshot = base64.b64decode(page.send("Page.captureScreenshot", format="png")["data"])
-            errors, requests = page.errors(), page.requests()
-        finally:
-            page.close()
+        yield b
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    (tmp_path / "map.png").write_bytes(screenshot)
-    assert screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(screenshot) > 10_000
-    assert errors == []
-    assert [url for url in requests if not url.startswith(("file:", "data:"))] == []
+        b.quit()
+
+
+def _open_a_popup(browser) -> str:
+    """Click markers (zooming into clusters) as a user does until a scene's popup is open."""
+    for _ in range(12):
+        if browser.js("return !!document.querySelector('.amber-popup')"):
+            return browser.js("return document.querySelector('.amber-popup').dataset.scene")
+        target = browser.js("return document.querySelector('.amber-marker') || document.querySelector('.marker-cluster')")
+        assert target is not None, "no marker or cluster on the map"
+        target.click()
+        time.sleep(0.6)
+    raise AssertionError("clicking markers opened no popup")
+
+
+def test_map_explains_itself_and_reviews_download_as_feedback(folder_run, browser, tmp_path):
+    paths, summary = export(folder_run, tmp_path / "out", basemap="none")
+    with RunStore(folder_run) as store:
+        positives = {s.scene_id: store.regions(s.scene_id, positive_only=True) for s in store.scenes(flagged_only=True)}
+    browser.driver.get(paths.map.as_uri())
+    browser.wait("return !!(window.amber && window.amber.ready)", "the page never got ready")
+
+    title = browser.js("return document.querySelector('.amber-title').textContent")
+    assert folder_run.name in title and "suspected surface mining" in title and "started 20" in title
+    legend = browser.js("return document.querySelector('.amber-legend').textContent")
+    for entry in ("scene flagged", "positive superpixel", "no imagery", "failed", "licensed area"):
+        assert entry in legend
+    totals = browser.js("return document.querySelector('.amber-totals').innerText")
+    assert re.search(r"Scenes scanned\s+3\b", totals) and re.search(rf"Scenes flagged\s+{summary.scenes_flagged}\b", totals)
+    assert f"{summary.positive_superpixel_ha:.1f} ha" in totals and f"{summary.disturbed_ha:.1f} ha" in totals
+    assert "unknown" in totals  # the capture year of a source without dates
+    assert browser.js("return document.querySelectorAll('path[stroke-dasharray=\"6 4\"]').length") == 1  # the area
+    # the failed and no-imagery scenes are a layer of their own (canvas), listed in the layer control
+    assert "failed and no-imagery scenes" in browser.js("return document.querySelector('.leaflet-control-layers').textContent")
+
+    scene = _open_a_popup(browser)
+    assert scene in positives
+    browser.wait("const im = document.querySelector('.amber-picture'); return im && im.complete && im.naturalWidth > 0",
+                 "the popup's picture did not load")
+    browser.wait("return !document.querySelector('.amber-sp').textContent.includes('loading')", "outlines never loaded")
+    popup = browser.js("return document.querySelector('.amber-popup').innerText")
+    assert re.search(r"Max probability\s+0\.\d\d\s", popup) and "Captured\tunknown" in popup.replace("\n", "\t")
+    assert re.search(r"Positive superpixel area\s+\d+\.\d\d ha \(upper bound\)", popup)
+    assert re.search(r"Disturbed ground \(est\.\)\s+\d+\.\d\d ha", popup)
+    assert len(re.findall(r"#\d+ p 0\.\d\d\b", popup)) == len(positives[scene])
+    assert not re.search(r"\d\.\d{4,}", popup.replace(browser.js("return document.querySelector('.amber-coords').value"), ""))
+    coords = browser.js("return document.querySelector('.amber-coords').value")
+    assert re.fullmatch(r"50\.\d{5}, 26\.\d{5}", coords)
+    links = browser.js("return [...document.querySelectorAll('.amber-popup a')].map(a => a.href)")
+    assert any("openstreetmap.org" in link and coords.split(", ")[0] in link for link in links)
+
+    browser.js("document.querySelector('.amber-note').value = 'a sand quarry';"
+               "document.querySelector('[data-review=\"false-positive\"]').click()")
+    browser.wait("return document.querySelector('.amber-marked').textContent === 'marked: false-positive'", "no mark")
+    browser.wait("return document.querySelector('.amber-reviews').textContent.includes('1 false positive')", "no count")
+    browser.js("document.getElementById('amber-download').click()")
+    downloads = tmp_path / "downloads"
+    deadline = time.monotonic() + 20
+    while not list(downloads.glob("*.geojson")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (download,) = downloads.glob("*.geojson")
+    feedback = json.loads(download.read_text())
+    check_feedback_geojson(feedback)
+    assert len(feedback["features"]) == len(positives[scene])
+    assert {f["properties"]["verdict"] for f in feedback["features"]} == {"not-mining"}
+    assert {f["properties"]["note"] for f in feedback["features"]} == {"a sand quarry"}
+    stored = {r.label: r.polygon["coordinates"] for r in positives[scene]}
+    for f in feedback["features"]:
+        assert f["properties"]["scene_id"] == scene
+        assert f["geometry"]["coordinates"] == [[[round(x, 7), round(y, 7)] for x, y in ring]
+                                                 for ring in stored[f["properties"]["superpixel"]]]
+
+    # and `feedback import` reads it: each outline takes back exactly its own superpixel
+    from amber_hunter.feedback.reports import import_feedback
+    from amber_hunter.learn.labels import LabelStore
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(folder_run, run_copy)
+    with LabelStore(tmp_path / "labels.sqlite") as labels:
+        imported = import_feedback(run_copy, download, labels)
+    assert imported.bad == []
+    assert [r.matched for r in imported.rows] == [((scene, f["properties"]["superpixel"]),) for f in feedback["features"]]
+
+    # the mark survives a reload (localStorage), and nothing left the machine
+    browser.driver.refresh()
+    browser.wait("return !!(window.amber && window.amber.ready)", "the page never got ready after a reload")
+    assert browser.js("return window.amber.reviews()[arguments[0]].review", scene) == "false-positive"
+    assert browser.errors() == []
+    assert browser.outside_requests() == []

@@ -1,0 +1,170 @@
+"""Reader feedback: reports read with their bad lines listed, mapped onto the run's own
+superpixels (a point takes the one under it, a polygon those it covers by more than half),
+reasons for reports that touch nothing, then retraining and rescoring with no tile fetched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tile_servers import tile_server
+
+from amber_hunter.errors import FeedbackError
+from amber_hunter.feedback.reports import import_feedback, read_reports
+from amber_hunter.feedback.retrain import retrain
+from amber_hunter.learn.labels import LabelStore
+from amber_hunter.model.classify import load_bundle
+from amber_hunter.run.resegment import resegment
+from amber_hunter.run.scan import scan
+from amber_hunter.run.scenes import cell_from_id
+from amber_hunter.run.store import RunStore
+
+
+def _pixel_point(run: Path, scene_id: str, label: int) -> tuple[float, float]:
+    """lon, lat of a pixel well inside superpixel ``label`` of the scene."""
+    from scipy import ndimage
+
+    with RunStore(run) as store:
+        again = resegment(store, scene_id, load_bundle(store.config.model).slic_params())
+    inside = ndimage.distance_transform_edt(again.labels == label)
+    r, c = np.unravel_index(np.argmax(inside), inside.shape)
+    lon, lat = cell_from_id(scene_id).pixel_to_lonlat(r + 0.5, c + 0.5)
+    return float(lon), float(lat)
+
+
+def _scene_polygon(run: Path, scene_id: str, shrink: float = 0.0) -> list:
+    with RunStore(run) as store:
+        b = next(s.bounds for s in store.scenes() if s.scene_id == scene_id)
+    dx, dy = (b.east - b.west) * shrink, (b.north - b.south) * shrink
+    w, s, e, n = b.west + dx, b.south + dy, b.east - dx, b.north - dy
+    return [[[w, s], [e, s], [e, n], [w, n], [w, s]]]
+
+
+def _geojson(path: Path, features: list[tuple[str, list, str]]) -> Path:
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"verdict": verdict, "note": "reader"},
+         "geometry": {"type": kind, "coordinates": coords}} for kind, coords, verdict in features]}))
+    return path
+
+
+def test_bad_lines_are_listed_and_the_rest_kept(tmp_path):
+    path = tmp_path / "reports.csv"
+    path.write_text("lat,lon,verdict,note\n50.6,26.2,mining,pits\n50.6,26.2,maybe,\nnorth,26.2,not-mining,\n"
+                    "150,26.2,mining,\n50.6,26.3,Not mining,clearing\n")
+    reports, bad = read_reports(path)
+    assert [(r.line, r.verdict, r.note) for r in reports] == [(2, "mining", "pits"), (6, "not-mining", "clearing")]
+    assert [b.line for b in bad] == [3, 4, 5]
+    assert "unknown verdict 'maybe'" in bad[0].reason and "malformed" in bad[1].reason and "not a place" in bad[2].reason
+    multi = _geojson(tmp_path / "r.geojson", [("MultiPoint", [[26.2, 50.6], [26.3, 50.7]], "mining"),
+                                              ("LineString", [[26.2, 50.6], [26.3, 50.7]], "mining")])
+    reports, bad = read_reports(multi)
+    assert len(reports) == 2 and [b.line for b in bad] == [2] and "LineString" in bad[0].reason
+    with pytest.raises(FeedbackError, match="does not exist"):
+        read_reports(tmp_path / "none.csv")
+
+
+@pytest.fixture
+def run(folder_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(folder_run, copy)
+    return copy
+
+
+def test_reports_map_onto_superpixels_or_say_why_not(run, region, tmp_path):
+    flagged = {v: k for k, v in region.ids.items()}
+    scene = flagged["positive1"]
+    with RunStore(run) as store:
+        label = next(g.label for g in store.regions(scene) if g.positive)
+        n_regions = len(store.regions(scene))
+    lon, lat = _pixel_point(run, scene, label)
+    reports = _geojson(tmp_path / "reports.geojson", [
+        ("Point", [lon, lat], "not-mining"),
+        ("Polygon", _scene_polygon(run, scene, shrink=-0.001), "mining"),  # the whole scene, and a bit more
+        ("Point", [0.0, 0.0], "mining"),
+        ("Polygon", _scene_polygon(run, flagged["garbage"], shrink=0.1), "mining"),
+        ("Polygon", _scene_polygon(run, flagged["missing"], shrink=0.1), "mining"),
+    ])
+    with LabelStore(tmp_path / "labels.sqlite") as labels:
+        done = import_feedback(run, reports, labels)
+        rows = done.rows
+        assert rows[0].matched == ((scene, label),) and rows[0].reason is None
+        assert len(rows[1].matched) == n_regions and {s for s, _ in rows[1].matched} == {scene}
+        assert rows[2].matched == () and rows[2].reason == "outside the scanned area"
+        assert "failed" in rows[3].reason and "has no imagery" in rows[4].reason
+        latest = labels.latest("superpixel")
+        assert len(latest) == n_regions  # the point's superpixel, relabelled by the polygon after it
+        assert {r.source for r in latest.values()} == {"feedback"}
+        history = labels.history(f"superpixel:{run.resolve()}:{scene}:{label}")
+        assert [(h.label, h.previous) for h in history] == [(0, None), (1, 0)]
+    with RunStore(run) as store:
+        assert [(r.line, len(r.matched)) for r in store.feedback()] == [(1, 1), (2, n_regions), (3, 0), (4, 0), (5, 0)]
+
+
+def _http_run(region, tiny_model, tmp_path):
+    """A scan over HTTP with a tile cache; yields the server so requests can be counted."""
+    return tile_server(region.folder), tmp_path / "tile-cache", tmp_path / "http-run"
+
+
+def test_reported_false_positive_scene_is_unflagged_after_retrain_with_no_fetch(region, tiny_model, small_data, tmp_path):
+    server_cm, cache, run = _http_run(region, tiny_model, tmp_path)
+    with server_cm as server:
+        scan(region.config(server.url + "/{z}/{x}/{y}.png", tiny_model, tile_cache=str(cache)), run)
+        fetched = len(server.requests)
+        with RunStore(run) as store:
+            flagged = [s.scene_id for s in store.scenes(flagged_only=True)]
+        victim = {v: k for k, v in region.ids.items()}["negative1"]
+        assert victim in flagged
+        report = _geojson(tmp_path / "report.geojson", [("Polygon", _scene_polygon(run, victim, -0.001), "not-mining")])
+        with LabelStore(tmp_path / "labels.sqlite") as labels:
+            imported = import_feedback(run, report, labels)
+            assert imported.superpixels > 10
+            done = retrain(run, data=[small_data], labels=labels)
+        assert len(server.requests) == fetched, "feedback and retrain fetched tiles"
+    assert victim in done.diff.removed.scenes
+    with RunStore(run) as store:
+        assert victim not in {s.scene_id for s in store.scenes(flagged_only=True)}
+        versions = store.model_versions()
+        assert [(v.version, v.current, v.parent) for v in versions] == [(1, False, None), (2, True, 1)]
+        assert versions[1].changes["run_superpixels"] == imported.superpixels
+    assert done.feedback_right is not None and done.feedback_right[1] > done.feedback_right[0]
+    geo = json.loads((run / "diff.geojson").read_text())
+    assert any(f["properties"] == {"kind": "scene", "scene_id": victim, "change": "removed"} for f in geo["features"])
+
+
+def test_confirmed_mining_flags_a_scene_after_retrain(run, region, tiny_model, small_data, tmp_path):
+    import dataclasses
+
+    from amber_hunter.model.classify import save_bundle
+    from amber_hunter.run.rescore import rescore_run
+
+    bundle = load_bundle(tiny_model)  # a strict model first: nothing flagged
+    strict = save_bundle(dataclasses.replace(bundle, metadata=dataclasses.replace(bundle.metadata, threshold=0.9999)),
+                         tmp_path / "strict")
+    rescore_run(run, strict)
+    target = {v: k for k, v in region.ids.items()}["positive2"]
+    report = tmp_path / "report.geojson"
+    _geojson(report, [("Polygon", _scene_polygon(run, target, -0.001), "mining")])
+    with LabelStore(tmp_path / "labels.sqlite") as labels:
+        import_feedback(run, report, labels)
+        done = retrain(run, data=[small_data], labels=labels)
+    assert target in done.diff.added.scenes
+    with RunStore(run) as store:
+        assert target in {s.scene_id for s in store.scenes(flagged_only=True)}
+
+
+def test_retrain_needs_enough_examples_and_its_data(run, tmp_path):
+    with pytest.raises(FeedbackError, match="training data .* is not on this machine; give it with --data"):
+        retrain(run, data=[tmp_path / "nowhere"])
+    few = tmp_path / "few"
+    for sub in ("positive", "negative"):
+        (few / sub).mkdir(parents=True)
+    src = sorted((Path(__file__).parent / "fixtures").glob("*.png"))[:1]
+    for sub in ("positive", "negative"):
+        for k, f in enumerate(src * 3):
+            shutil.copy(f, few / sub / f"{k}.png")
+    with pytest.raises(FeedbackError, match="at least 10 examples of each class; it has 3 positive and 3 negative"):
+        retrain(run, data=[few])
+
