@@ -5,6 +5,21 @@ else is a bug and keeps its traceback. So each message names the bad value *and*
 because that one line is all the user sees.
 """
 
+import re
+
+#: A Python object's repr, as libraries put one in their messages: "<_io.BytesIO object at
+#: 0x7f…>" (Pillow), "<urllib3.connection.HTTPConnection object at 0x7f…>: " (urllib3 before 2.3).
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>(?::\s*)?")
+
+
+def plain(text: str) -> str:
+    """A library's message fit to show: without object reprs, on one line.
+
+    A repr tells a user nothing, and differs on every call, so a run's failure summary could not
+    count the scenes that failed for one reason together.
+    """
+    return _OBJECT_REPR.sub("", text).replace("\n", " ").strip()
+
 
 class AmberHunterError(Exception):
     """Base class: a problem with the user's input, data or environment, not a bug."""
@@ -19,7 +34,7 @@ class DatasetError(AmberHunterError):
 
 
 class LabelsError(DatasetError):
-    """A labels CSV with unknown paths, unknown labels or a bad header."""
+    """A labels CSV that names missing files or unknown labels, or has a bad header."""
 
 
 class ModelBundleError(AmberHunterError):
@@ -55,7 +70,8 @@ class RunAbortError(AmberHunterError):
 
 
 class SourceUnavailableError(TileSourceError, RunAbortError):
-    """A tile source that refuses the whole run (HTTP 401/403) or has gone (a deleted file)."""
+    """A tile source that refuses the whole run (HTTP 401/403), has gone (a deleted file), or does
+    not answer at all (a server never reached, or a run of tiles in a row without an answer)."""
 
 
 class ScanCancelledError(TileSourceError):

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import atomic
-from .errors import ImageError
+from .errors import ImageError, plain
 
 
 def to_rgb8(array: np.ndarray, *, name: str = "image") -> np.ndarray:
@@ -69,7 +69,6 @@ _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 # Pillow refuses images over 2 * Image.MAX_IMAGE_PIXELS in Image.open, before our own check can
 # run; over Image.MAX_IMAGE_PIXELS it warns, which raises when warnings are errors.
 _BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
-_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def _too_large(name: str, size: str) -> ImageError:
@@ -80,9 +79,8 @@ def _too_large(name: str, size: str) -> ImageError:
 
 
 def _unreadable(name: str, exc: Exception) -> ImageError:
-    # Pillow names the buffer it read, "<_io.BytesIO object at 0x7f...>": a different message for
-    # every tile, which would keep a run's failure summary from counting them together.
-    reason = _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
+    # Pillow names the buffer it read, "<_io.BytesIO object at 0x7f...>".
+    reason = plain(str(exc)) or type(exc).__name__
     return ImageError(f"{name}: not a readable image ({reason}); re-export it as PNG or JPEG")
 
 

@@ -2,9 +2,10 @@
 
     python docs/make_screenshots.py [--data ../shared/datasets/texty-amber] [--work DIR]
 
-Writes ``docs/explore-dataset.png`` (the shared dataset coloured by out-of-fold confusion cell,
-a false positive's panel open) and ``docs/explore-run.png`` (a scan of the demo region with the
-bundled texture model, coloured by probability, a flagged superpixel's panel open). The run is
+Writes ``docs/explore-dataset.png`` (the shared dataset with the bundled default model, coloured
+by out-of-fold confusion cell, a false positive's panel open with its Grad-CAM heatmap),
+``docs/explore-panel.png`` (that panel alone) and ``docs/explore-run.png`` (a scan of the demo
+region with the bundled texture model, coloured by probability, a flagged superpixel's panel open). The run is
 scanned from the demo region's tile folder into ``--work`` (a temporary folder by default).
 """
 
@@ -27,20 +28,20 @@ def _browser():
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--window-size=1280,860", "--hide-scrollbars"):
+                 "--window-size=1280,1150", "--hide-scrollbars"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
-def _wait(driver, script: str, timeout: float = 120.0) -> None:
+def _wait(driver, script: str, *args, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
-    while not driver.execute_script(script):
+    while not driver.execute_script(script, *args):
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for: {script[:80]}")
         time.sleep(0.1)
 
 
-def _shoot(points, out: Path, pick) -> None:
+def _shoot(points, out: Path, pick, panel: Path | None = None) -> None:
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
     from amber_hunter.explore.server import ExploreApp, start_in_thread
@@ -72,8 +73,14 @@ def _shoot(points, out: Path, pick) -> None:
                 (function walk(n) { if (!n || !n.querySelectorAll) return; out.push(...n.querySelectorAll('img.amber-thumb'));
                   for (const el of n.querySelectorAll('*')) if (el.shadowRoot) walk(el.shadowRoot); })(document);
                 return out.some(im => im.complete && im.naturalWidth > 0);""")
+            if points.bundle.classifier.heads:  # a CNN model: wait for the Grad-CAM picture
+                _wait(driver, """const im = document.getElementById('p-gradcam');
+                    return amber.gradcamReady === arguments[0] && im.complete && im.naturalWidth > 0;""", i)
             time.sleep(0.3)
             driver.save_screenshot(str(out))
+            if panel is not None:
+                driver.find_element("id", "panel").screenshot(str(panel))
+                print(f"wrote {panel}")
         finally:
             driver.quit()
             server.shutdown()
@@ -94,9 +101,10 @@ def main() -> None:
     from amber_hunter.explore.data import load_dataset_points, load_run_points
 
     docs = ROOT / "docs"
-    points = load_dataset_points([args.data], "fast", cache_dir=args.cache_dir)
+    points = load_dataset_points([args.data], "default", cache_dir=args.cache_dir)
     _shoot(points, docs / "explore-dataset.png",
-           lambda p: int(np.flatnonzero(np.array(p.cell) == "FP")[np.argmax(p.probability[np.array(p.cell) == "FP"])]))
+           lambda p: int(np.flatnonzero(np.array(p.cell) == "FP")[np.argmax(p.probability[np.array(p.cell) == "FP"])]),
+           panel=docs / "explore-panel.png")
 
     from build_demo_region import build_demo_region
 

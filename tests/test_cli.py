@@ -443,7 +443,7 @@ def test_detect_unwritable_outputs_leave_nothing_half_written(texture_model, hal
         ("empty-positive", "holds no images"),
         ("empty-negative", "holds no images"),
         ("single-class", "only negative samples"),
-        ("csv-unknown-path", "unknown path"),
+        ("csv-unknown-path", "'data/positive/not-there.png' does not exist"),
         ("csv-unknown-label", "unknown label 'perhaps'"),
         ("csv-missing", "does not exist"),
         ("unknown-embedder", "unknown embedder 'sift'"),
@@ -544,4 +544,4 @@ def test_evaluate_labels_csv_with_unknown_path(other_data, texture_model, tmp_pa
     result = run(
         "evaluate", other_data, "--model", texture_model, "--labels", tmp_path / "labels.csv", "--json", out / "r.json"
     )
-    assert_user_error(result, out / "r.json", out / "r.pr.png", fragment="unknown path 'nowhere/crop.png'")
+    assert_user_error(result, out / "r.json", out / "r.pr.png", fragment="'nowhere/crop.png' does not exist")

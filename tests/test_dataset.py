@@ -158,8 +158,8 @@ def test_labels_csv_flips_a_label_and_adds_an_outside_crop(tmp_path):
 @pytest.mark.parametrize(
     "rows, fragment",
     [
-        ([("data/positive/nope.png", "1", "", "")], "unknown path 'data/positive/nope.png'"),
-        ([("", "1", "", "")], "unknown path ''"),
+        ([("data/positive/nope.png", "1", "", "")], "'data/positive/nope.png' does not exist (no file "),
+        ([("", "1", "", "")], "line 2: the path is empty"),
         ([("data/negative/{neg}", "maybe", "", "")], "unknown label 'maybe'"),
         ([("data/negative/{neg}", "", "", "")], "unknown label ''"),
         (

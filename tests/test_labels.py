@@ -111,7 +111,7 @@ def test_import_round_trip_and_bad_rows_add_nothing(tmp_path, small_data, crops)
             f"positive/{crops[1].name}": (0, "import", "road"), f"negative/{crops[3].name}": (1, "import", None)}
         bad = tmp_path / "bad.csv"
         bad.write_text(f"path,label\n{crops[0]},1\nnope.png,1\n{crops[1]},perhaps\n")
-        with pytest.raises(LabelsError, match=r"line 3: unknown path .*line 4: unknown label"):
+        with pytest.raises(LabelsError, match=r"line 3: 'nope.png' does not exist .*line 4: unknown label"):
             store.import_csv(bad, root=small_data)
         assert len(store.history()) == 2
     csv_path.unlink()

@@ -6,8 +6,8 @@ mark downloads as the GeoJSON that ``feedback import`` reads (its schema, then a
 from __future__ import annotations
 
 import json
-import shutil
 import re
+import shutil
 import time
 
 import chromium

@@ -13,8 +13,9 @@ every positive scene is flagged and no negative one is. Running it again resumes
 ``DIR/demo-run``. The server gets a new port on every start, so a run that differs from this one
 only in that port is resumed, not refused; one made with another model is refused.
 
-The map's base layer is OpenStreetMap by default, which needs the internet; the detections and
-their pictures are inside ``map.html`` and show offline too. ``--basemap none`` drops it.
+The map's base layer is OpenStreetMap by default, which needs the internet; the detections, the
+imagery layer and the pictures are files in ``map_files/`` beside ``map.html`` and show offline
+too. ``--basemap none`` drops the base layer.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     s = result.summary
     print(f"demo: {result.scan.processed} scenes scanned now, {s.scenes_scanned} in all; {s.scenes_flagged} flagged "
-          f"({', '.join(result.flagged) or 'none'}); {s.damaged_ha:.2f} ha suspected")
+          f"({', '.join(result.flagged) or 'none'}); {s.positive_superpixel_ha:.2f} ha of positive superpixels "
+          f"(upper bound), {s.disturbed_ha:.2f} ha disturbed ground (estimate)")
     base = {"osm": " (base map: OpenStreetMap, online only)", "none": ""}.get(args.basemap, " (base map: online tiles)")
     print(f"map: {result.paths.map}{base}")
     if result.problems:

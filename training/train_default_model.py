@@ -27,8 +27,8 @@ from amber_hunter.model.detect import Detector
 #: fast model finds only two positive superpixels in positive2.png, where the rule needs three: a
 #: known limit of texture-only features, reported but not fatal.
 BUNDLES = {"default": ("vgg16+efflite0+texture", True), "fast": ("texture", False)}
-#: The shipped operating point. The CLI default is 0.95 (the study's "precision is a must"), but
-#: a scene is flagged only when three or more superpixels are positive, which is a second,
+#: The shipped operating point, also the CLI's default. Not the study's 0.95 ("precision is a
+#: must"): a scene is flagged only when three or more superpixels are positive, which is a second,
 #: independent precision filter, and at 0.95 the model keeps markedly fewer pit superpixels.
 TARGET_PRECISION = 0.90
 

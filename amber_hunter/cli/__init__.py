@@ -7,15 +7,27 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .. import __version__
 from ..errors import AmberHunterError
+from .progress import Progress, progress_every_option
 
 EMBEDDER_HELP = "texture, vgg16, resnet50, efflite0, or parts joined with '+' (e.g. vgg16+efflite0+texture)"
+#: The embedder of the bundled default model: what ``train`` trains and ``evaluate`` measures
+#: unless told otherwise, so that both speak of the model a user gets.
+DEFAULT_EMBEDDER = "vgg16+efflite0+texture"
+#: The bundled default model's operating point (its model.json says so, and so does
+#: ``model.classify.TARGET_PRECISION``; a test checks all three agree). Written out rather than
+#: imported, because ``--help`` must not load scikit-image.
+TARGET_PRECISION = 0.90
+#: Scene rule help, shared by ``detect`` and ``scan``: the rule is "more than N", not "at least N".
+MIN_POSITIVE_HELP = "Flag a scene when more than N superpixels are positive (2: flag at 3 or more)."
 
 
 class _OneLine:
@@ -38,12 +50,12 @@ class OneLineErrors(_OneLine, click.Command):
 
 
 def _progress(desc: str):
-    """A tqdm wrapper on stderr (items/s and ETA), for long embedding loops."""
+    """A tqdm wrapper on stderr (items/s and ETA), for long embedding loops; no bar for no items."""
 
     def wrap(items):
         from tqdm import tqdm
 
-        return tqdm(items, desc=desc, unit="img", file=sys.stderr, disable=None)
+        return tqdm(items, desc=desc, unit="img", file=sys.stderr, disable=None if items else True)
 
     return wrap
 
@@ -90,9 +102,9 @@ common_data = [
     click.option(
         "--target-precision",
         type=click.FloatRange(0.0, 1.0),
-        default=0.95,
+        default=TARGET_PRECISION,
         show_default=True,
-        help="Pick the threshold that reaches this out-of-fold precision.",
+        help="Pick the threshold that reaches this out-of-fold precision (the default is the bundled model's).",
     ),
     click.option("--seed", type=int, default=0, show_default=True),
 ]
@@ -106,29 +118,35 @@ def data_options(f):
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="amber-hunter")
-def main():
+@click.option("-v", "--verbose", is_flag=True, envvar="AMBER_HUNTER_VERBOSE",
+              help="Also show TensorFlow's, CUDA's and absl's own log lines (hidden by default).")
+def main(verbose):
     """Find illegal surface mining (amber pits, sand and gold diggings) in map imagery."""
+    if verbose:  # read where TensorFlow is imported (model.embed.cnn), which --help must not load
+        os.environ["AMBER_HUNTER_VERBOSE"] = "1"
 
 
 @main.command()
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--embedder", default="vgg16+efflite0+texture", show_default=True, help=EMBEDDER_HELP)
+@click.option("--embedder", default=DEFAULT_EMBEDDER, show_default=True, help=EMBEDDER_HELP)
 @click.option("--out", required=True, type=click.Path(), help="Model bundle directory to write.")
 @data_options
-def train(data_dirs, embedder, out, labels_csv, cache_dir, resnet_weights, target_precision, seed):
+@progress_every_option
+def train(data_dirs, embedder, out, labels_csv, cache_dir, resnet_weights, target_precision, seed, progress_every):
     """Train a classifier on folders holding positive/ and negative/ crops."""
     from ..learn.workflows import train_model
 
-    bundle = train_model(
-        data_dirs,
-        _embedder(embedder, resnet_weights),
-        out,
-        labels_csv=labels_csv,
-        target_precision=target_precision,
-        cache_dir=cache_dir,
-        seed=seed,
-        progress=_progress("embedding"),
-    )
+    with Progress("train", progress_every, "reading the crops") as progress:
+        bundle = train_model(
+            data_dirs,
+            _embedder(embedder, resnet_weights),
+            out,
+            labels_csv=labels_csv,
+            target_precision=target_precision,
+            cache_dir=cache_dir,
+            seed=seed,
+            progress=progress.items("embedding", "crop", then="fitting the classifier and choosing its threshold"),
+        )
     m = bundle.metadata
     click.echo(
         f"wrote {out}: {m.embedder}, {m.training['n_samples']} crops, threshold {m.threshold:.3f} "
@@ -138,7 +156,8 @@ def train(data_dirs, embedder, out, labels_csv, cache_dir, resnet_weights, targe
 
 @main.command()
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--embedder", default=None, help=EMBEDDER_HELP + " (cross-validation).")
+@click.option("--embedder", default=DEFAULT_EMBEDDER, show_default=True,
+              help=EMBEDDER_HELP + "; cross-validated (not with --model).")
 @click.option("--model", type=click.Path(), help="Score this bundle on DATA_DIR instead of cross-validating.")
 @click.option(
     "--protocol", type=click.Choice(["seed-split", "grouped", "spatial"]), default="grouped", show_default=True
@@ -150,6 +169,7 @@ def train(data_dirs, embedder, out, labels_csv, cache_dir, resnet_weights, targe
 @click.option("--json", "json_out", type=click.Path(), help="Write the metrics here.")
 @click.option("--plot", type=click.Path(), help="PR-curve PNG (default: next to --json).")
 @data_options
+@progress_every_option
 def evaluate(
     data_dirs,
     embedder,
@@ -164,32 +184,36 @@ def evaluate(
     resnet_weights,
     target_precision,
     seed,
+    progress_every,
 ):
     """Measure a detector: cross-validate an embedder, or score a trained --model."""
     from ..errors import ConfigError
     from ..learn.workflows import evaluate_model, evaluate_protocol
 
     plot = plot or (str(Path(json_out).with_suffix(".pr.png")) if json_out else None)
-    if model:
-        if embedder or len(data_dirs) != 1:
-            raise ConfigError("with --model give exactly one DATA_DIR and no --embedder (the model names its own)")
-        report = evaluate_model(
-            data_dirs[0], model, labels_csv=labels_csv, cache_dir=cache_dir, progress=_progress("embedding"), plot=plot
-        )
-    else:
-        report = evaluate_protocol(
-            data_dirs,
-            _embedder(embedder or "vgg16+texture", resnet_weights),
-            protocol,
-            folds=folds,
-            axis=axis,
-            labels_csv=labels_csv,
-            target_precision=target_precision,
-            cache_dir=cache_dir,
-            seed=seed,
-            progress=_progress("embedding"),
-            plot=plot,
-        )
+    named = click.get_current_context().get_parameter_source("embedder") is not ParameterSource.DEFAULT
+    if model and (named or len(data_dirs) != 1):
+        raise ConfigError("with --model give exactly one DATA_DIR and no --embedder (the model names its own)")
+    with Progress("evaluate", progress_every, "reading the crops") as progress:
+        if model:
+            embedding = progress.items("embedding", "crop", then="scoring")
+            report = evaluate_model(
+                data_dirs[0], model, labels_csv=labels_csv, cache_dir=cache_dir, progress=embedding, plot=plot
+            )
+        else:
+            report = evaluate_protocol(
+                data_dirs,
+                _embedder(embedder, resnet_weights),
+                protocol,
+                folds=folds,
+                axis=axis,
+                labels_csv=labels_csv,
+                target_precision=target_precision,
+                cache_dir=cache_dir,
+                seed=seed,
+                progress=progress.items("embedding", "crop", then=f"cross-validating ({protocol}, {folds} folds)"),
+                plot=plot,
+            )
     d = report.to_json()
     _write_outputs({json_out: _json_bytes(d)})
     click.echo(
@@ -204,13 +228,8 @@ def evaluate(
 @main.command()
 @click.argument("scene", type=click.Path())
 @click.option("--model", type=click.Path(), help="Model bundle (default: the bundled model).")
-@click.option(
-    "--min-positive",
-    type=click.IntRange(0),
-    default=2,
-    show_default=True,
-    help="Flag the scene when more than this many superpixels are positive.",
-)
+@click.option("--min-positive", type=click.IntRange(0), default=2, show_default=True, metavar="N",
+              help=MIN_POSITIVE_HELP)
 @click.option("--json", "json_out", type=click.Path(), help="Write the result here.")
 @click.option("--overlay", type=click.Path(), help="PNG with superpixels outlined and positives filled.")
 @click.option("--m-per-px", type=float, default=None, help="Ground resolution, to report areas in m².")
@@ -262,9 +281,10 @@ def data_fetch(name, dest, base_url):
 
 
 from .explore import explore, labels
+from .feedback import feedback, rescore, retrain, rollback
 from .scan import export, scan, status
 
-for _command in (scan, status, export, explore, labels):
+for _command in (scan, status, export, explore, labels, feedback, retrain, rescore, rollback):
     main.add_command(_command)
 
 

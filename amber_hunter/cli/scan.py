@@ -11,6 +11,9 @@ import sys
 
 import click
 
+from . import MIN_POSITIVE_HELP
+from .progress import Progress, progress_every_option
+
 #: Exit code of a scan that finished with failed scenes: the run is usable, but not whole.
 EXIT_FAILED_SCENES = 1
 
@@ -36,8 +39,7 @@ def _failure_lines(failures: list[tuple[str, int]]) -> list[str]:
 @click.option("--subdomains", default=None, help="Values of {s} in the URL, comma-separated (default a,b,c; Bing: t0,t1,t2,t3).")
 @click.option("--model", default=None, help="Model bundle folder or bundled name (default: the bundled model).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Threads fetching scenes ahead of detection.")
-@click.option("--min-positive", type=int, default=2, show_default=True,
-              help="Flag a scene when more than this many superpixels are positive.")
+@click.option("--min-positive", type=int, default=2, show_default=True, metavar="N", help=MIN_POSITIVE_HELP)
 @click.option("--min-valid", type=float, default=0.25, show_default=True,
               help="Skip a scene when less than this share of its pixels holds imagery (transparent, missing or blank tiles).")
 @click.option("--max-rps", type=float, default=None, help="Requests per second per provider (HTTP sources), over all its subdomains.")
@@ -46,16 +48,15 @@ def _failure_lines(failures: list[tuple[str, int]]) -> list[str]:
 @click.option("--tile-cache", type=click.Path(file_okay=False), default=None, help="Tile cache (default: RUN_DIR/tiles-cache).")
 @click.option("--force", is_flag=True, help="Resume even though result-deciding settings changed.")
 @click.option("--retry-failed", is_flag=True, help="Also redo the scenes that failed in earlier sessions.")
+@progress_every_option
 def scan(aoi, tiles, run_dir, zoom, scene_tiles, tile_size, scheme, subdomains, model, workers, min_positive, min_valid,
-         max_rps, api_key_env, date_header, tile_cache, force, retry_failed):
+         max_rps, api_key_env, date_header, tile_cache, force, retry_failed, progress_every):
     """Scan an area tile by tile for mining; rerun the same command to resume.
 
     Exits 0 when every scene was analysed (or had no imagery), 1 when some scenes failed (their
     commonest reasons are printed), 2 on a bad option or a failure of the whole run (a refused API
-    key, a missing source, a full disk), 130 when interrupted.
+    key, a missing source, a tile server that stopped answering, a full disk), 130 when interrupted.
     """
-    from tqdm import tqdm
-
     from ..run.config import RunConfig
     from ..run.scan import scan as run_scan
 
@@ -63,8 +64,9 @@ def scan(aoi, tiles, run_dir, zoom, scene_tiles, tile_size, scheme, subdomains, 
                        workers=workers, max_rps=max_rps, api_key_env=api_key_env, date_header=date_header,
                        tile_cache=tile_cache, tile_size=tile_size, scheme=scheme, subdomains=subdomains, min_valid=min_valid)
     try:
-        summary = run_scan(config, run_dir, force=force, retry_failed=retry_failed, progress=lambda total: tqdm(
-            total=total, unit="scene", desc="scanning", file=sys.stderr, disable=None, smoothing=0.1))
+        with Progress("scan", progress_every, "loading the model and opening the tile source") as progress:
+            summary = run_scan(config, run_dir, force=force, retry_failed=retry_failed,
+                               progress=progress.counter("scanning", "scene", smoothing=0.1))
     except KeyboardInterrupt:  # the second Ctrl-C: the scene in flight is lost, the rest is stored
         click.echo(f"\nstopped at once: rerun the same command to resume {run_dir}", err=True)
         sys.exit(130)
@@ -112,17 +114,31 @@ def status(run_dir, as_json):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the outputs.")
 @click.option("--registry", type=click.Path(dir_okay=False), default=None, help="GeoJSON of licensed areas to cross-check.")
+@click.option("--format", "formats", multiple=True, default=("geojson", "map"), show_default=True,
+              type=click.Choice(["geojson", "map", "csv", "gpkg", "png", "all"]),
+              help="Outputs besides summary.json; repeat the option, or 'all'.")
 @click.option("--basemap", default="osm", show_default=True,
-              help="Map background: osm (OpenStreetMap, online), none (fully offline), or an XYZ URL template.")
-def export(run_dir, out_dir, registry, basemap):
-    """Write detections.geojson, summary.json and map.html for a run."""
+              help="Map background: osm (online), none (fully offline), or any URL template --tiles accepts "
+                   "({z} {x} {y} {-y} {q} {s} {key}).")
+@click.option("--basemap-subdomains", default="a,b,c", show_default=True, help="Values of {s} in --basemap.")
+@click.option("--basemap-key-env", default=None,
+              help="Environment variable holding {key} for --basemap (written into map.html: use a publishable key).")
+@click.option("--no-imagery", is_flag=True,
+              help="Do not read the run's tiles: no disturbed-ground estimate, no imagery layer; faster.")
+def export(run_dir, out_dir, registry, formats, basemap, basemap_subdomains, basemap_key_env, no_imagery):
+    """Write summary.json and the chosen formats (GeoJSON, map, CSV, GeoPackage, PNG) for a run."""
     from ..export.writers import export as run_export
 
-    paths, summary = run_export(run_dir, out_dir, registry, basemap)
+    paths, summary = run_export(run_dir, out_dir, registry, basemap, formats=formats,
+                                basemap_subdomains=tuple(s for s in basemap_subdomains.split(",") if s),
+                                basemap_key_env=basemap_key_env, imagery=not no_imagery)
     licence = "" if summary.scenes_unlicensed is None else f", {summary.scenes_unlicensed} outside licensed areas"
     click.echo(f"{summary.scenes_flagged} of {summary.scenes_scanned} scenes flagged{licence}; "
-               f"{summary.damaged_ha:.2f} ha suspected")
+               f"{summary.positive_superpixel_ha:.2f} ha of positive superpixels (upper bound), "
+               f"{summary.disturbed_ha:.2f} ha disturbed ground (estimate, {summary.scenes_estimated} scenes measured)")
     if summary.scenes_dropped:
         click.echo(f"{summary.scenes_dropped} scenes of an earlier grid (a forced change of area, zoom or scene size) "
                    "are left out of the export")
-    click.echo(f"map: {paths.map}")
+    for name in ("map", "detections", "csv", "gpkg", "png", "summary"):
+        if getattr(paths, name) is not None:
+            click.echo(f"{name}: {getattr(paths, name)}")

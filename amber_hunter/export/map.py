@@ -158,8 +158,19 @@ class MapFiles:
                     self.pictures[s.scene_id] = struct.unpack(">II", dest.read_bytes()[16:24])
 
 
+def _changes(store) -> dict | None:
+    """The latest rescore's added and removed scenes and superpixels (``diff.geojson``), for the
+    "changes since the last model" layer; "kept" features are left out: the map already shows them."""
+    path = None if store is None else store.run_dir / "diff.geojson"
+    if path is None or not path.is_file():
+        return None
+    diff = json.loads(path.read_text("utf-8"))
+    features = [f for f in diff["features"] if f["properties"]["change"] != "kept"]
+    return {"type": "FeatureCollection", "features": features} if features else None
+
+
 def page_data(run: RunDetections, summary: ExportSummary, files: MapFiles, basemap: dict | None,
-              imagery_bounds: dict) -> dict:
+              imagery_bounds: dict, changes: dict | None = None) -> dict:
     """The compact table the page's script draws from (see static/map.js for the columns)."""
     scenes = []
     for s in run.scenes:
@@ -195,6 +206,7 @@ def page_data(run: RunDetections, summary: ExportSummary, files: MapFiles, basem
         "scenes": scenes,
         "gaps": [[*scene_bounds_list(g.bounds), g.status, g.reason] for g in run.gaps],
         "imagery": [[*imagery_bounds[i], _stem(i)] for i in files.imagery],
+        "changes": changes,
     }
 
 
@@ -223,5 +235,5 @@ def write_map(run: RunDetections, summary: ExportSummary, files: MapFiles, path:
 
         imagery_bounds = {i: scene_bounds_list(cell_from_id(i).bounds) for i in files.imagery}
     data = page_data(run, summary, files, _basemap_data(basemap, run.config.zoom, subdomains, basemap_key_env),
-                     imagery_bounds)
+                     imagery_bounds, _changes(store))
     atomic.write_bytes(path, render(data).encode("utf-8"))

@@ -10,6 +10,7 @@ GeoPackage), ``summary_png``, ``map``; ``detections`` reads the run, ``area`` me
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,4 +107,26 @@ def export(
     if paths.png:
         write_summary_png(run, summary, paths.png)
     atomic.write_json(paths.summary, {k: v for k, v in asdict(summary).items() if v is not None})
+    with RunStore(run_dir) as store:  # remembered, so a retrain or rescore can refresh this export
+        store.note("export", json.dumps({
+            "out": str(out.resolve()), "registry": None if registry is None else str(Path(registry).resolve()),
+            "basemap": basemap, "formats": list(chosen), "basemap_subdomains": list(basemap_subdomains),
+            "basemap_key_env": basemap_key_env, "imagery": imagery}))
     return paths, summary
+
+
+def refresh_exports(run_dir: str | Path) -> list[ExportPaths]:
+    """Write every export of the run again, with the options it was made with, into the same
+    folders (the latest export per folder): after a retrain the published map shows the new
+    verdicts, and its "changes since the last model" layer what moved."""
+    with RunStore(run_dir) as store:
+        latest = {}
+        for event in store.events("export"):
+            options = json.loads(event.message)
+            latest[options["out"]] = options
+    done = []
+    for options in latest.values():
+        out = options.pop("out")
+        if Path(out).is_dir():
+            done.append(export(run_dir, out, options.pop("registry"), options.pop("basemap"), **options)[0])
+    return done

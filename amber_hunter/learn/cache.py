@@ -102,7 +102,8 @@ def embed_files(
 ) -> tuple[np.ndarray, list[str]]:
     """Embed each crop file whole, through the cache; return ``(vectors, content hashes)``.
 
-    ``progress`` wraps the list of files still to embed (e.g. ``tqdm``).
+    ``progress`` wraps the list of files still to embed (e.g. ``tqdm``), even an empty one: the
+    wrapper learns that way that embedding is over, and can say what comes next.
     """
     from ..images import read_rgb
     from ..model.segment import whole_image_region
@@ -111,7 +112,7 @@ def embed_files(
     digests = [file_hash(p) for p in paths]
     todo = [(p, d) for p, d in zip(paths, digests) if d not in cache]
     try:
-        for p, d in progress(todo) if (progress and todo) else todo:
+        for p, d in progress(todo) if progress else todo:
             image = read_rgb(p)
             cache.put(d, embedder.embed(image, [whole_image_region(image)])[0])
     finally:

@@ -306,6 +306,21 @@ def load_dataset(dirs: Iterable[str | Path], labels_csv: str | Path | None = Non
     return Dataset(samples)
 
 
+def row_path_problem(rel: str, file: Path) -> str | None:
+    """What is wrong with the file a labels CSV row names, said so that it can be fixed, or None.
+
+    "Unknown path" left the user to guess between a typo, a moved file and a path taken from the
+    wrong folder; the resolved path answers that.
+    """
+    if not rel:
+        return "the path is empty"
+    if not file.exists():
+        return f"{rel!r} does not exist (no file {file}; paths are relative to the CSV's folder)"
+    if not file.is_file():
+        return f"{rel!r} is not a file ({file})"
+    return None
+
+
 def read_labels_csv(path: str | Path) -> list[tuple[Path, int, str]]:
     """Read and validate a labels CSV; every bad row is reported in one message."""
     path = Path(path)
@@ -317,10 +332,11 @@ def read_labels_csv(path: str | Path) -> list[tuple[Path, int, str]]:
             raise LabelsError(f"{path}: header must be {','.join(LABELS_HEADER)}, got {reader.fieldnames}")
         rows, problems = [], []
         for line, row in enumerate(reader, start=2):
-            file = (path.parent / (row["path"] or "").strip()).resolve()
+            rel = (row["path"] or "").strip()
+            file = (path.parent / rel).resolve()
             label = LABEL_WORDS.get((row["label"] or "").strip().lower())
-            if not row["path"] or not file.is_file():
-                problems.append(f"line {line}: unknown path {row['path']!r}")
+            if problem := row_path_problem(rel, file):
+                problems.append(f"line {line}: {problem}")
             elif label is None:
                 problems.append(f"line {line}: unknown label {row['label']!r} (use positive/negative or 1/0)")
             else:

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 import requests
 
-from ..errors import DatasetError
+from ..errors import DatasetError, plain
 from ..sources import TRANSIENT_ERRORS
 from .data import TEXTY, user_data_dir
 
@@ -201,7 +201,7 @@ def _download(
             last = str(exc)
             continue
         except TRANSIENT_ERRORS as exc:
-            last = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            last = f"{type(exc).__name__}: {plain(str(exc))}"
             continue
         if digest != entry.sha256:
             part.unlink(missing_ok=True)

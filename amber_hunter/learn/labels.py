@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LabelsError
-from .dataset import LABEL_WORDS, LABELS_HEADER
+from .dataset import LABEL_WORDS, LABELS_HEADER, row_path_problem
 
 #: ``PRAGMA user_version`` of the schema below.
 SCHEMA_VERSION = 1
@@ -285,8 +285,8 @@ class LabelStore:
             rel = (row.get("path") or "").strip()
             file = (csv_path.parent / rel).resolve()
             label = LABEL_WORDS.get((row.get("label") or "").strip().lower())
-            if not rel or not file.is_file():
-                problems.append(f"line {line}: unknown path {rel!r}")
+            if problem := row_path_problem(rel, file):
+                problems.append(f"line {line}: {problem}")
             elif label is None:
                 problems.append(f"line {line}: unknown label {row.get('label')!r} (use positive/negative or 1/0)")
             elif not file.is_relative_to(root):

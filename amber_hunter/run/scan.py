@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import RunAbortError
+from ..errors import AmberHunterError, RunAbortError
 from ..geo.tiles import Bounds, SceneCell, scene_grid
 from ..model.segment import Region
 from ..sources import CachedTileSource, TileSource, open_source
@@ -198,13 +199,22 @@ def prefetch(cells: Iterable[SceneCell], source: TileSource, workers: int, **opt
         pool.shutdown(wait=finished, cancel_futures=True)
 
 
-def open_tiles(config: RunConfig, store: RunStore) -> TileSource:
-    """The config's tile source; HTTP sources go through the on-disk tile cache."""
+def open_tiles(config: RunConfig) -> TileSource:
+    """The config's tile source, checked for the scan's zoom, without touching the run directory:
+    a typo in ``--tiles`` must leave no run behind that the corrected command would then refuse."""
     source = open_source(config.tiles, max_rps=config.max_rps, api_key_env=config.api_key_env,
                          date_header=config.date_header, subdomains=config.subdomains, scheme=config.scheme)
-    if config.is_http:
-        return CachedTileSource(source, config.tile_cache or store.tile_cache_dir)
+    try:
+        source.check_zoom(config.zoom - zoom_up(config.tile_size))
+    except BaseException:
+        source.close()
+        raise
     return source
+
+
+def cached(source: TileSource, config: RunConfig, store: RunStore) -> TileSource:
+    """HTTP sources go through the on-disk tile cache (by default inside the run directory)."""
+    return CachedTileSource(source, config.tile_cache or store.tile_cache_dir) if config.is_http else source
 
 
 @contextlib.contextmanager
@@ -262,17 +272,24 @@ def scan(
 
     ``progress`` is called once with the number of pending scenes and must return something with
     ``update()`` and ``close()`` (e.g. ``lambda total: tqdm(total=total, unit="scene")``).
+
+    A scan refused before its first scene is recorded (a bad model or source, a server that never
+    answers) leaves ``run_dir`` as it was: the model and the source are checked before the run
+    directory is touched, and a run directory this call created is removed again. Otherwise the
+    corrected command would be refused as a "changed config" of a run that never ran.
     """
     from ..model.detect import Detector
 
     started = time.monotonic()
     processed, interrupted = 0, False
-    with RunStore(run_dir, config, force=force) as store, _logging_to(store.log_path):
-        # The model and the source are checked before any scene is fetched: a typo must fail now,
-        # not after a night of failed scenes.
-        detector = Detector.load(config.model, min_positive=config.min_positive)
-        with open_tiles(config, store) as source, _stop_request() as stop:
-            source.check_zoom(config.zoom - zoom_up(config.tile_size))
+    # Checked before any scene is fetched, and before the run directory exists: a typo must fail
+    # now, leaving nothing behind, not after a night of failed scenes.
+    detector = Detector.load(config.model, min_positive=config.min_positive)
+    created = not Path(run_dir).exists()
+    try:
+        with open_tiles(config) as raw, RunStore(run_dir, config, force=force) as store, \
+                _logging_to(store.log_path), _stop_request() as stop:
+            source = cached(raw, config, store)
             dropped = store.add_scenes(scene_grid(config.area, config.zoom, config.scene_tiles))
             if dropped:
                 log.info("%d scenes of an earlier grid are dropped from this run", dropped)
@@ -293,7 +310,8 @@ def scan(
                         if record.status != "done":
                             log.info("scene %s %s: %s", record.scene_id, record.status, record.error)
                         elif record.result.flagged:
-                            log.info("scene %s flagged: %d positive superpixels", record.scene_id, record.result.n_positive)
+                            log.info("scene %s flagged: %d positive superpixels", record.scene_id,
+                                     record.result.n_positive)
                         if bar:
                             bar.update()
                         if stop.is_set():
@@ -306,9 +324,14 @@ def scan(
             finally:
                 if bar:
                     bar.close()
-        status = store.status()
-        failures = store.failure_reasons()
-        store.note("stop", f"{'interrupted' if interrupted else 'finished'} after {processed} scenes")
-        log.info("%s after %d scenes: %d done, %d failed, %d pending, %d flagged", "interrupted" if interrupted else "finished",
-                 processed, status.done, status.failed, status.pending, status.flagged)
+            status = store.status()
+            failures = store.failure_reasons()
+            store.note("stop", f"{'interrupted' if interrupted else 'finished'} after {processed} scenes")
+            log.info("%s after %d scenes: %d done, %d failed, %d pending, %d flagged",
+                     "interrupted" if interrupted else "finished", processed, status.done, status.failed,
+                     status.pending, status.flagged)
+    except AmberHunterError:
+        if created and processed == 0:  # a refused scan: nothing of this run is worth keeping
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return ScanSummary(Path(run_dir), processed, status, interrupted, time.monotonic() - started, failures)

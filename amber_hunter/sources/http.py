@@ -4,7 +4,9 @@ A scan asks for thousands of tiles, so: pooled connections, timeouts on every re
 with backoff on whatever a busy server throws (dropped connections, 429, 5xx, truncated bodies),
 one rate limit per provider to stay within its terms, and a quick stop when the user cancels.
 A refused key (401/403) stops the whole run at once; anything else wrong with one answer fails
-only that tile.
+only that tile. So does a tile no answer came for at all, unless no tile has had an answer yet
+(a typo in the host or port, a server that is down) or it is one of a run of such tiles (the
+server went down): then the whole run stops, rather than spend every retry on every tile all night.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from ..errors import ConfigError, ScanCancelledError, SourceUnavailableError, TileSourceError
+from ..errors import ConfigError, ScanCancelledError, SourceUnavailableError, TileSourceError, plain
 from .base import DEFAULT_SUBDOMAINS, MISSING, TileResult, TileSource, check_template, expand_template
 
 PROJECT_URL = "https://github.com/amber-hunter/amber-hunter"
@@ -39,6 +41,12 @@ TRANSIENT_ERRORS = (
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
 )
+#: Failures in which no answer came at all: no connection (refused, a host name that does not
+#: resolve) or none in time. A run of them across tiles means the server is down, not a bad tile.
+UNREACHABLE_ERRORS = (requests.ConnectionError, requests.Timeout)
+#: Tiles in a row with no answer, each after all its retries (about 30 s of them by default),
+#: after which a source stops the run: about five minutes of a dead server with one worker.
+MAX_UNANSWERED_TILES = 10
 #: Failures that asking again would only repeat: a redirect loop, a malformed header, a redirect
 #: to a scheme requests cannot follow. Caught after TRANSIENT_ERRORS, whose classes they include.
 _UNUSABLE_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
@@ -140,6 +148,9 @@ class HttpTileSource(TileSource):
     per host name. Retries back off exponentially from ``base_delay`` up to ``max_delay`` seconds,
     or wait as long as the server's Retry-After says (capped likewise, so a server cannot stall a
     scan for hours). ``date_header`` names a response header carrying the imagery's capture date.
+    A tile without any answer (see ``UNREACHABLE_ERRORS``) raises :class:`SourceUnavailableError`,
+    which stops a scan, when no tile has had an answer yet or when it is the ``max_unanswered``-th
+    in a row: every later ``get`` would most likely wait out its retries for nothing too.
     """
 
     def __init__(
@@ -155,6 +166,7 @@ class HttpTileSource(TileSource):
         timeout: tuple[float, float] = (10.0, 30.0),
         date_header: str | None = None,
         pool_size: int = 16,
+        max_unanswered: int = MAX_UNANSWERED_TILES,
     ):
         self.template = template
         self.subdomains = _subdomains(subdomains)
@@ -164,12 +176,17 @@ class HttpTileSource(TileSource):
         self.max_delay = max_delay
         self.timeout = timeout
         self.date_header = date_header
+        self.max_unanswered = max_unanswered
         self._validate(max_rps)
         raw_key = self._read_key()
         self._key = urllib.parse.quote(raw_key, safe="")
         self._secrets = {s for s in (raw_key, self._key) if s}
         self._limiter = _RateLimiter(max_rps) if max_rps is not None else None
         self._cancelled = threading.Event()
+        #: Tiles in a row, over all threads, that got no answer at all; any answer resets it.
+        self._unanswered = 0
+        self._answered = False
+        self._unanswered_lock = threading.Lock()
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
@@ -183,12 +200,14 @@ class HttpTileSource(TileSource):
         if ("key" in names) != (self.api_key_env is not None):
             raise TileSourceError(
                 f"URL template {self.template} and api_key_env={self.api_key_env!r} disagree; put {{key}} in the "
-                "template where the key goes and set api_key_env to the environment variable holding it"
+                "template where the key goes and set --api-key-env to the environment variable holding it"
             )
         if max_rps is not None and not (isinstance(max_rps, (int, float)) and max_rps > 0):
             raise ConfigError(f"max_rps={max_rps!r} must be a positive number of requests per second, e.g. 8")
         if not (isinstance(self.max_retries, int) and self.max_retries >= 0):
             raise ConfigError(f"max_retries={self.max_retries!r} must be a whole number >= 0, e.g. 6")
+        if not (isinstance(self.max_unanswered, int) and self.max_unanswered >= 1):
+            raise ConfigError(f"max_unanswered={self.max_unanswered!r} must be a whole number >= 1, e.g. 10")
         if not (self.base_delay >= 0 and self.max_delay >= 0):
             raise ConfigError(f"base_delay={self.base_delay!r} and max_delay={self.max_delay!r} must be >= 0 seconds")
 
@@ -218,9 +237,10 @@ class HttpTileSource(TileSource):
         return expand_template(self.template, tile, subdomains=self.subdomains, key=_MASK)
 
     def _mask(self, text: str) -> str:
+        """``text`` (an exception's or a server's) with the key masked, on one line, without reprs."""
         for secret in self._secrets:
             text = text.replace(secret, _MASK)
-        return text.replace("\n", " ")
+        return plain(text)
 
     def _said(self, response: requests.Response) -> str:
         """The first line of an error response's body, as ``" (server said: ...)"``, or "".
@@ -242,9 +262,23 @@ class HttpTileSource(TileSource):
     def _backoff(self, attempt: int) -> float:
         return min(self.max_delay, self.base_delay * 2**attempt) * (1.0 + 0.1 * random.random())
 
+    def _no_answer(self, tile: mercantile.Tile, last: str) -> TileSourceError:
+        """The error for a tile that got no answer after every retry: it fails that tile, or the
+        whole run if the server never answered or this is the ``max_unanswered``-th in a row."""
+        with self._unanswered_lock:
+            self._unanswered += 1
+            streak, answered = self._unanswered, self._answered
+        where = f"{self._shown(tile)}: no answer after {self.max_retries} retries (last: {last})"
+        if not answered:
+            return SourceUnavailableError(f"{where}; check that the server is up and that the URL's host and port are right")
+        if streak >= self.max_unanswered:
+            return SourceUnavailableError(f"{where}, nor for the {streak - 1} tiles before it; the server is down or "
+                                          "unreachable: rerun with --retry-failed once it answers again")
+        return TileSourceError(f"{where}; the server or the network may be down")
+
     def get(self, tile: mercantile.Tile) -> TileResult:
         url = expand_template(self.template, tile, subdomains=self.subdomains, key=self._key)
-        last, delay = "no response", 0.0
+        last, delay, unanswered = "no response", 0.0, False
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self._cancelled.wait(delay)  # returns at once on cancel()
@@ -258,11 +292,15 @@ class HttpTileSource(TileSource):
                 response = self._session.get(url, timeout=self.timeout)
             except TRANSIENT_ERRORS as exc:
                 last, delay = f"{type(exc).__name__}: {self._mask(str(exc))}", self._backoff(attempt)
+                unanswered = isinstance(exc, UNREACHABLE_ERRORS)
                 continue
             except _UNUSABLE_ERRORS as exc:
                 unusable = f"{type(exc).__name__}: {self._mask(str(exc))}"
             else:
                 unusable = None
+            with self._unanswered_lock:  # the server is there, whatever it said
+                self._unanswered, self._answered = 0, True
+            unanswered = False
             if unusable:  # raised here, not in the except clause: the exception's text holds the key
                 raise TileSourceError(f"{self._shown(tile)}: unusable answer ({unusable}); check the URL template")
             status = response.status_code
@@ -275,7 +313,7 @@ class HttpTileSource(TileSource):
                 fix = (
                     f"check that ${self.api_key_env} holds a valid key and that its account may use this layer"
                     if self.api_key_env
-                    else "the server wants a key or refuses this client: put {key} in the template and set api_key_env"
+                    else "the server wants a key or refuses this client: put {key} in the template and set --api-key-env"
                 )
                 raise SourceUnavailableError(
                     f"{self._shown(tile)}: HTTP {status} {response.reason}{self._said(response)}; {fix}"
@@ -289,7 +327,9 @@ class HttpTileSource(TileSource):
             last = f"HTTP {status} {response.reason}"
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             delay = self._backoff(attempt) if retry_after is None else min(self.max_delay, retry_after)
+        if unanswered:
+            raise self._no_answer(tile, last)
         raise TileSourceError(
-            f"{self._shown(tile)}: still failing after {self.max_retries} retries (last: {last}); "
-            "check the server, lower max_rps or raise max_retries"
+            f"{self._shown(tile)}: still failing after {self.max_retries} retries (last: {last}); the server is "
+            "busy or failing: lower --max-rps, or rerun later with --retry-failed"
         )

@@ -51,6 +51,15 @@
     renderer: gapRenderer, color: gapColours[g[4]], weight: 1, fillOpacity: 0.35
   }).bindTooltip(`${esc(g[4])}${g[5] ? ': ' + esc(g[5]) : ''}`))).addTo(map);
   overlays['failed and no-imagery scenes'] = gaps;
+  if (A.changes) {  // what the latest retrain or rescore changed (diff.geojson)
+    const changeColours = {added: '#d7191c', removed: '#2c7bb6'};
+    overlays['changes since the last model'] = L.geoJSON(A.changes, {
+      style: f => ({color: changeColours[f.properties.change], weight: f.properties.kind === 'scene' ? 3 : 1.5,
+                    dashArray: f.properties.change === 'removed' ? '5 4' : null, fillOpacity: 0.08}),
+      onEachFeature: (f, layer) => layer.bindTooltip(`${esc(f.properties.change)} by the latest model: ` +
+        (f.properties.kind === 'scene' ? `scene ${esc(f.properties.scene_id)}` : `superpixel #${f.properties.label}`))
+    }).addTo(map);
+  }
 
   // --- imagery from the run's own tiles (added for the scenes in view, from zoom 12) ------------
   if (A.imagery.length) {
@@ -243,7 +252,9 @@
     <div><i class="sw" style="background:#9e9e9e"></i>no imagery</div>
     <div><i class="sw" style="background:#7b3294"></i>failed (not analysed)</div>
     <div><i class="sw" style="border:2px solid #1a9850;background:rgba(26,152,80,.12)"></i>licensed area</div>
-    <div><i class="sw" style="border:2px dashed #3388ff"></i>area of interest</div>`);
+    <div><i class="sw" style="border:2px dashed #3388ff"></i>area of interest</div>` + (A.changes ?
+    `<div><i class="sw" style="border:2px solid #d7191c"></i>added by the latest model</div>
+    <div><i class="sw" style="border:2px dashed #2c7bb6"></i>removed by the latest model</div>` : ''));
   const reviewPanel = panel('bottomleft', 'amber-reviews', '');
   function updateReviewPanel() {
     const all = Object.values(reviews()), n = k => all.filter(m => m.review === k).length;

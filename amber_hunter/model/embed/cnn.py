@@ -6,9 +6,12 @@ and most commands never need it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,51 @@ from .base import empty
 BATCH_SIZE = 16
 
 
-def _import_keras():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up banner is noise to users
+#: Set to 1 (``amber-hunter --verbose`` does) to let TensorFlow, CUDA and absl log as they like.
+VERBOSE_ENV = "AMBER_HUNTER_VERBOSE"
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block.
+
+    TensorFlow's C++ libraries log while they load ("Could not find cuda drivers on your machine"),
+    before absl's logging is set up and TF_CPP_MIN_LOG_LEVEL applies: only the descriptor itself
+    silences them. Python's own writes to stderr in that window are lost too, so it is kept to
+    the import alone.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        import keras
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _import_keras():
+    """Keras (on TensorFlow), imported without the log lines TensorFlow, CUDA and absl print.
+
+    Every command that embeds with a CNN would otherwise start with half a dozen of them, one an
+    ``E0000 … failed call to cuInit`` "error" on every machine without a GPU, which tell a user
+    nothing they can act on. ``AMBER_HUNTER_VERBOSE=1`` (``--verbose``) shows them: the level must
+    be set before TensorFlow's first import, and that happens here.
+    """
+    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    if not verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # C++ errors too: "failed call to cuInit" is one
+        warnings.filterwarnings("ignore", module=r"(keras|tensorflow|absl)(\.|$)")
+    try:
+        with contextlib.nullcontext() if verbose else _stderr_to_devnull():
+            import keras
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise EmbedderError(f"the CNN embedders need TensorFlow ({exc}); pip install 'amber-hunter'") from None
+    if not verbose:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
     return keras
 
 

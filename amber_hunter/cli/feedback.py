@@ -1,0 +1,151 @@
+"""``amber-hunter feedback import|list``, ``retrain``, ``rescore`` and ``rollback``: option parsing and
+printing over ``amber_hunter.feedback`` and ``amber_hunter.run.rescore``, nothing more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import Cli, OneLineErrors
+from .explore import default_label_store
+from .progress import Progress, progress_every_option
+
+
+def _echo_diff(diff) -> None:
+    s = diff.summary()
+    click.echo(f"v{s['from_version']} -> v{s['to_version']}: flagged scenes +{s['added']['scenes']} "
+               f"-{s['removed']['scenes']} ={s['kept']['scenes']}; positive superpixels +{s['added']['superpixels']} "
+               f"({s['added']['hectares']:.2f} ha) -{s['removed']['superpixels']} ({s['removed']['hectares']:.2f} ha) "
+               f"={s['kept']['superpixels']}")
+    for scene in s["scenes_removed"]:
+        click.echo(f"  no longer flagged: {scene}")
+    for scene in s["scenes_added"]:
+        click.echo(f"  newly flagged: {scene}")
+    if diff.outlines_missing:
+        click.echo(f"  {diff.outlines_missing} new positive superpixels have no outline (their tiles are gone); "
+                   "the map shows their bbox")
+
+
+def _refresh(run_dir) -> None:
+    """Write the run's exports again (the same folders and options), so the map shows the change."""
+    from ..export.writers import refresh_exports
+
+    for paths in refresh_exports(run_dir):
+        click.echo(f"refreshed {paths.map or paths.summary} (with a 'changes since the last model' layer)")
+
+
+@click.group(cls=Cli)
+def feedback():
+    """Readers' and editors' reports on a run: import them, list them."""
+
+
+@feedback.command("import")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--labels", "labels_store", type=click.Path(dir_okay=False),
+              help="Label store to add the reports' superpixels to (default: the one explore uses).")
+def feedback_import(run_dir, file, labels_store):
+    """Map each report of FILE (CSV lat,lon,verdict,note or GeoJSON points/polygons with a verdict
+    of mining or not-mining) onto the run's superpixels, and label them in the store."""
+    from ..feedback.reports import import_feedback
+    from ..learn.labels import LabelStore
+
+    with LabelStore(Path(labels_store) if labels_store else default_label_store()) as labels:
+        done = import_feedback(run_dir, file, labels)
+    touched = [r for r in done.rows if r.matched]
+    click.echo(f"{len(done.rows)} reports: {len(touched)} touched {done.superpixels} superpixels, "
+               f"{len(done.rows) - len(touched)} touched nothing, {len(done.bad)} bad lines")
+    for r in done.rows:
+        if not r.matched:
+            click.echo(f"  line {r.line}: {r.reason}")
+    for b in done.bad:
+        click.echo(f"  {b.reason}", err=True)
+    if touched:
+        click.echo(f"next: amber-hunter retrain {run_dir}")
+
+
+@feedback.command("list")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def feedback_list(run_dir):
+    """The reports imported into RUN_DIR, what each touched, and the model versions since."""
+    import datetime as dt
+
+    from ..run.store import RunStore
+
+    with RunStore(run_dir) as store:
+        rows, versions = store.feedback(), store.model_versions()
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r.imported).isoformat(timespec="minutes")
+        what = f"{len(r.matched)} superpixels" if r.matched else f"nothing ({r.reason})"
+        click.echo(f"{when} {r.file} line {r.line}: {r.verdict}{' - ' + r.note if r.note else ''}: {what}")
+    if not rows:
+        click.echo("no feedback imported yet; use 'amber-hunter feedback import RUN_DIR FILE'")
+    for v in versions:
+        after = v.changes.get("after")
+        figures = f", grouped OOF precision {after['precision']:.3f} recall {after['recall']:.3f}" if after else ""
+        dropped = v.changes.get("dropped_positives") or []
+        click.echo(f"v{v.version}{' (current)' if v.current else ''}: {v.changes.get('what', 'retrained')}"
+                   f"{'' if v.parent is None else f' from v{v.parent}'}{figures}"
+                   f"{f', {len(dropped)} training positives dropped' if dropped else ''}")
+
+
+@click.command(cls=OneLineErrors)
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--data", multiple=True, type=click.Path(file_okay=False),
+              help="Labelled folders to train on (default: those the run's model was trained on).")
+@click.option("--labels", "labels_store", type=click.Path(dir_okay=False),
+              help="Label store (default: the one explore and feedback import use).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Embedding cache (default: user cache dir).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@progress_every_option
+def retrain(run_dir, data, labels_store, cache_dir, seed, progress_every):
+    """Train the next model version of RUN_DIR on its training data, every label and the feedback;
+    rescore the run from its stored embeddings (no tile is fetched) and write the diff."""
+    from ..feedback.retrain import retrain as run_retrain
+    from ..learn.labels import LabelStore
+
+    with LabelStore(Path(labels_store) if labels_store else default_label_store()) as labels, \
+            Progress("retrain", progress_every, "reading the run and the crops") as progress:
+        report = run_retrain(run_dir, data=list(data) or None, labels=labels, cache_dir=cache_dir, seed=seed,
+                             progress=progress.items("embedding", "crop", then="fitting, measuring, rescoring the run"))
+    b, a = report.before, report.after
+    click.echo(f"v{report.version} from v{report.parent}: {report.crops} crops + {report.run_superpixels} run "
+               f"superpixels ({report.positives} positive, {report.negatives} negative)")
+    click.echo(f"grouped out-of-fold: precision {b.precision:.3f} -> {a.precision:.3f}, recall {b.recall:.3f} -> "
+               f"{a.recall:.3f}, F1 {b.f1:.3f} -> {a.f1:.3f}; threshold {a.threshold:.3f}")
+    if report.feedback_right:
+        click.echo(f"feedback superpixels called right: {report.feedback_right[0]:.0%} -> {report.feedback_right[1]:.0%} "
+                   "(the new model has trained on them)")
+    if report.dropped_positives:
+        click.echo(f"dropped {len(report.dropped_positives)} training positives inside areas reported as not mining: "
+                   + ", ".join(report.dropped_positives[:5]) + (" ..." if len(report.dropped_positives) > 5 else ""))
+    _echo_diff(report.diff)
+    _refresh(run_dir)
+    click.echo(f"diff: {Path(run_dir) / 'diff.geojson'}; back with 'amber-hunter rollback {run_dir} v{report.parent}'")
+
+
+@click.command(cls=OneLineErrors)
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--model", required=True, help="Model bundle folder, or default/fast; its embedder must be the run's.")
+def rescore(run_dir, model):
+    """Rescore RUN_DIR with another model from its stored embeddings, and write the diff."""
+    from ..run.rescore import rescore_run
+
+    _echo_diff(rescore_run(run_dir, model))
+    _refresh(run_dir)
+
+
+@click.command(cls=OneLineErrors)
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("version")
+def rollback(run_dir, version):
+    """Make model VERSION (v1, v2, ...) of RUN_DIR current again, and rescore the run with it."""
+    from ..errors import ConfigError
+    from ..run.rescore import rollback as run_rollback
+
+    number = version.lower().removeprefix("v")
+    if not number.isdigit():
+        raise ConfigError(f"version {version!r} is not like v2; see 'amber-hunter feedback list {run_dir}'")
+    _echo_diff(run_rollback(run_dir, int(number)))
+    _refresh(run_dir)
