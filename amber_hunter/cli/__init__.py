@@ -281,10 +281,10 @@ def data_fetch(name, dest, base_url):
 
 
 from .explore import explore, labels
-from .feedback import feedback, rescore, retrain, rollback
+from .feedback import feedback, rescore, retrain, rollback, suggest
 from .scan import export, scan, status
 
-for _command in (scan, status, export, explore, labels, feedback, retrain, rescore, rollback):
+for _command in (scan, status, export, explore, labels, feedback, retrain, rescore, rollback, suggest):
     main.add_command(_command)
 
 

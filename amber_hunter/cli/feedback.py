@@ -1,4 +1,4 @@
-"""``amber-hunter feedback import|list``, ``retrain``, ``rescore`` and ``rollback``: option parsing and
+"""``amber-hunter feedback import|list``, ``retrain``, ``rescore``, ``rollback`` and ``suggest``: option parsing and
 printing over ``amber_hunter.feedback`` and ``amber_hunter.run.rescore``, nothing more."""
 
 from __future__ import annotations
@@ -149,3 +149,37 @@ def rollback(run_dir, version):
         raise ConfigError(f"version {version!r} is not like v2; see 'amber-hunter feedback list {run_dir}'")
     _echo_diff(run_rollback(run_dir, int(number)))
     _refresh(run_dir)
+
+
+@click.command(cls=OneLineErrors)
+@click.option("--model", default="default", show_default=True, help="Model bundle folder, or default/fast.")
+@click.option("--pool", "pool_path", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A flat folder of unlabelled superpixel crops, or a scanned run directory.")
+@click.option("-n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="How many to suggest.")
+@click.option("--strategy", type=click.Choice(["margin", "typical", "mix", "random"]), default="random",
+              show_default=True, help="How to pick; random was best in training/adaptation.py (README).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Write the picks as a labels CSV (path,label,source,note) with the label left empty.")
+@click.option("--labels", "labels_store", type=click.Path(dir_okay=False),
+              help="Label store whose labelled superpixels are left out (default: the one explore uses).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Embedding cache (default: user cache dir).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def suggest(model, pool_path, n, strategy, out, labels_store, cache_dir, seed):
+    """List the unlabelled superpixels most worth labelling next."""
+    from ..feedback.pool import folder_pool, run_pool, write_picks
+    from ..learn.labels import LabelStore
+    from ..learn.suggest import suggest as pick
+    from ..model.classify import load_bundle, resolve_model
+
+    bundle = load_bundle(resolve_model(model))
+    with LabelStore(Path(labels_store) if labels_store else default_label_store()) as labels:
+        if (Path(pool_path) / "run.sqlite").is_file():
+            pool = run_pool(pool_path, bundle, labels)
+        else:
+            pool = folder_pool(pool_path, bundle, labels, cache_dir)
+    picks = pick(bundle, pool.features, n, strategy, seed=seed)
+    for rank, s in enumerate(picks, start=1):
+        click.echo(f"{rank:3d}. {pool.name(s.index)}  p={s.probability:.3f}  {s.reason}")
+    if out:
+        click.echo(f"wrote {write_picks(pool, picks, out)}: fill in the label column, then 'amber-hunter train "
+                   f"... --labels {out}'")

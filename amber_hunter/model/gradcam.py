@@ -41,7 +41,7 @@ from PIL import Image
 from ..errors import EmbedderError, ImageError
 from .classify import LinearHead, ModelBundle
 from .embed import Embedder
-from .embed.cnn import CnnEmbedder
+from .embed.cnn import CnnEmbedder, _import_keras
 from .segment import resize_nearest, whole_image_region
 
 #: Readable names of each CNN embedder's tapped feature maps, in tap order.
@@ -141,8 +141,7 @@ def _keras_maps(part: Embedder, crop: np.ndarray) -> tuple[list[np.ndarray], lis
     """
     if not isinstance(part, CnnEmbedder):
         raise EmbedderError(f"no Grad-CAM for the {part.name!r} embedder; only the Keras CNN embedders have one")
-    import keras
-
+    keras = _import_keras()  # quietly: TensorFlow's start-up lines only with --verbose
     model = part.model
     last = model.layers[-1]
     pooled = list(last.input) if isinstance(last, keras.layers.Concatenate) else [model.output]
