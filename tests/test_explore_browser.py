@@ -227,12 +227,17 @@ def test_dataset_view_hover_click_label_box_select_reload(shared_points, data_ro
     assert "no CNN" in browser.js("return document.getElementById('p-gradcam-msg').textContent")  # a texture model
 
     # "not mining", with a note: one row in the store, for this crop
-    browser.js("document.getElementById('note').value = 'a sand quarry'; document.getElementById('b-not').click()")
+    note = "a sand quarry <img src=x onerror=window.pwned=1>"  # notes are shown as text, never run
+    browser.js("document.getElementById('note').value = arguments[0]; document.getElementById('b-not').click()", note)
     browser.wait("return document.getElementById('status').textContent.startsWith('labelled 1')", "no label written")
     rows = store.history()
     key = shared_points.keys[i]
     assert [(r.key, r.label, r.previous, r.source, r.note, r.path) for r in rows] == [
-        (key.key, 0, None, "explore", "a sand quarry", f"{shared_points.files[i][1]}")]
+        (key.key, 0, None, "explore", note, f"{shared_points.files[i][1]}")]
+    browser.js("amber.openPanel(arguments[0])", i)
+    history = browser.wait("const li = document.querySelectorAll('#p-history li'); return li.length ? "
+                           "[li[0].textContent, li[0].children.length] : null", "no history in the panel")
+    assert history[0].endswith(note) and history[1] == 0 and browser.js("return window.pwned") is None
 
     # box selection: several points labelled at once
     tool = browser.js("""const r = deepQueryAll('.bk-tool-icon-box-select')[0].getBoundingClientRect();

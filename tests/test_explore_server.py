@@ -250,6 +250,36 @@ def test_labelling_through_the_api_writes_the_store(app_url, points):
     assert len(store.history()) == 2
 
 
+def _raw(url: str, method: str, path: str, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_foreign_host_header_and_malformed_bodies_are_refused(app_url):
+    """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 sends its own
+    name as Host, and must read nothing; label bodies of the wrong shape are a 400, not a 500."""
+    url, store = app_url
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    assert _raw(url, "GET", "/api/point/1", {"Host": f"attacker.example:{port}"})[0] == 403
+    assert _raw(url, "GET", "/api/point/1", {"Host": f"localhost:{port}"})[0] == 200
+    own = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json"}
+    for body in (b"[1, 2]", b'{"indices": [true], "label": "mining"}', b'{"indices": [1], "label": ["mining"]}',
+                 b'{"indices": [1], "label": "mining", "note": 5}'):
+        status, _ = _raw(url, "POST", "/api/label", {**own, "Content-Length": str(len(body))}, body)
+        assert status == 400, body
+    assert _raw(url, "POST", "/api/label", {**own, "Host": f"attacker.example:{port}", "Content-Length": "2"}, b"{}")[0] == 403
+    assert store.history() == []
+
+
 def test_a_busy_port_moves_to_the_next_free_one(points):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))

@@ -88,10 +88,13 @@ def test_basemap_is_none_or_any_template_a_scan_accepts(basemap, expected, folde
         assert json.dumps(basemap) in page
 
 
-@pytest.mark.parametrize("basemap", ["https://t.example.org/{z}/{x}/{y}?k={key}", "https://t.example.org/{zoom}/{x}/{y}",
-                                     "/data/tiles", "satellite"])
-def test_a_basemap_the_page_cannot_draw_is_refused_before_writing(basemap, folder_run, tmp_path):
-    with pytest.raises(ConfigError, match="--basemap"):
+@pytest.mark.parametrize(("basemap", "message"), [
+    ("https://t.example.org/{z}/{x}/{y}?k={key}", "has {key}; name the environment variable"),
+    ("https://t.example.org/{zoom}/{x}/{y}", "unknown placeholder {zoom}"),
+    ("/data/tiles", "is not osm, none, or an http(s) URL template"),
+    ("satellite", "'satellite' is not osm, none, or an http(s) URL template")])
+def test_a_basemap_the_page_cannot_draw_is_refused_before_writing(basemap, message, folder_run, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         export(folder_run, tmp_path / "out", basemap=basemap)
     assert not (tmp_path / "out").exists()
 

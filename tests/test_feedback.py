@@ -103,20 +103,26 @@ def test_reports_map_onto_superpixels_or_say_why_not(run, region, tmp_path):
         assert [(r.line, len(r.matched)) for r in store.feedback()] == [(1, 1), (2, n_regions), (3, 0), (4, 0), (5, 0)]
 
 
-def _http_run(region, tiny_model, tmp_path):
-    """A scan over HTTP with a tile cache; yields the server so requests can be counted."""
-    return tile_server(region.folder), tmp_path / "tile-cache", tmp_path / "http-run"
+def _retrained_flags(run: Path, small_data, tmp_path: Path, name: str) -> set[str]:
+    """The control: the flagged scenes after a retrain of a copy of ``run`` with no report. A
+    retrain picks its own threshold, which alone can flip scenes; a report's effect is only what
+    differs from this."""
+    control = tmp_path / name
+    shutil.copytree(run, control)
+    with LabelStore(tmp_path / f"{name}.sqlite") as labels:
+        retrain(control, data=[small_data], labels=labels)
+    with RunStore(control) as store:
+        return {s.scene_id for s in store.scenes(flagged_only=True)}
 
 
 def test_reported_false_positive_scene_is_unflagged_after_retrain_with_no_fetch(region, tiny_model, small_data, tmp_path):
-    server_cm, cache, run = _http_run(region, tiny_model, tmp_path)
-    with server_cm as server:
+    cache, run = tmp_path / "tile-cache", tmp_path / "http-run"
+    with tile_server(region.folder) as server:
         scan(region.config(server.url + "/{z}/{x}/{y}.png", tiny_model, tile_cache=str(cache)), run)
         fetched = len(server.requests)
-        with RunStore(run) as store:
-            flagged = [s.scene_id for s in store.scenes(flagged_only=True)]
-        victim = {v: k for k, v in region.ids.items()}["negative1"]
-        assert victim in flagged
+        control = _retrained_flags(run, small_data, tmp_path, "control")
+        victim = {v: k for k, v in region.ids.items()}["positive2"]
+        assert victim in control, "the control retrain already unflags the scene: the test would prove nothing"
         report = _geojson(tmp_path / "report.geojson", [("Polygon", _scene_polygon(run, victim, -0.001), "not-mining")])
         with LabelStore(tmp_path / "labels.sqlite") as labels:
             imported = import_feedback(run, report, labels)
@@ -129,22 +135,16 @@ def test_reported_false_positive_scene_is_unflagged_after_retrain_with_no_fetch(
         versions = store.model_versions()
         assert [(v.version, v.current, v.parent) for v in versions] == [(1, False, None), (2, True, 1)]
         assert versions[1].changes["run_superpixels"] == imported.superpixels
-    assert done.feedback_right is not None and done.feedback_right[1] > done.feedback_right[0]
     geo = json.loads((run / "diff.geojson").read_text())
     assert any(f["properties"] == {"kind": "scene", "scene_id": victim, "change": "removed"} for f in geo["features"])
 
 
-def test_confirmed_mining_flags_a_scene_after_retrain(run, region, tiny_model, small_data, tmp_path):
-    import dataclasses
-
-    from amber_hunter.model.classify import save_bundle
-    from amber_hunter.run.rescore import rescore_run
-
-    bundle = load_bundle(tiny_model)  # a strict model first: nothing flagged
-    strict = save_bundle(dataclasses.replace(bundle, metadata=dataclasses.replace(bundle.metadata, threshold=0.9999)),
-                         tmp_path / "strict")
-    rescore_run(run, strict)
-    target = {v: k for k, v in region.ids.items()}["positive2"]
+def test_confirmed_mining_flags_a_scene_after_retrain(region, tiny_model, small_data, tmp_path):
+    run = tmp_path / "run"
+    scan(region.config(region.folder, tiny_model, min_positive=20), run)  # flag at 21 positives or more
+    control = _retrained_flags(run, small_data, tmp_path, "control")
+    target = {v: k for k, v in region.ids.items()}["positive1"]
+    assert target not in control, "the control retrain already flags the scene: the test would prove nothing"
     report = tmp_path / "report.geojson"
     _geojson(report, [("Polygon", _scene_polygon(run, target, -0.001), "mining")])
     with LabelStore(tmp_path / "labels.sqlite") as labels:
@@ -168,3 +168,15 @@ def test_retrain_needs_enough_examples_and_its_data(run, tmp_path):
     with pytest.raises(FeedbackError, match="at least 10 examples of each class; it has 3 positive and 3 negative"):
         retrain(run, data=[few])
 
+
+
+def test_a_report_on_a_scene_not_scanned_yet_says_so(run, region, tmp_path):
+    scene = {v: k for k, v in region.ids.items()}["negative1"]
+    polygon = _scene_polygon(run, scene, shrink=0.1)
+    with RunStore(run) as store:  # as if the scan had not reached it yet: pending scenes have no bounds
+        store._db.execute("UPDATE scenes SET status = 'pending', bounds = NULL WHERE scene_id = ?", (scene,))
+        store._db.commit()
+    report = _geojson(tmp_path / "r.geojson", [("Polygon", polygon, "mining")])
+    with LabelStore(tmp_path / "labels.sqlite") as labels:
+        (row,) = import_feedback(run, report, labels).rows
+    assert row.matched == () and row.reason == f"scene {scene} is not scanned yet"

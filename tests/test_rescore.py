@@ -151,3 +151,16 @@ def test_a_kill_between_commit_and_config_is_finished_on_reopen(run, tiny_model)
     (run / "config.json").write_text(json.dumps(config))
     with RunStore(run) as store:
         assert store.config.model == str(run / "models" / "v2")
+
+
+def test_the_original_scan_command_resumes_with_the_retrained_model(run, region, tiny_model, tmp_path):
+    """After a rescore, rerunning the scan as first typed is neither refused as a changed model
+    nor scores new scenes with the old one: it resumes with the run's current version."""
+    from amber_hunter.run.scan import scan
+
+    lenient = _with_threshold(tiny_model, 0.02, tmp_path / "lenient")
+    rescore_run(run, lenient)
+    scan(region.config(region.folder, tiny_model), run, retry_failed=True)  # refused before the fix
+    with RunStore(run) as store:
+        assert store.config.model == str(run / "models" / "v2")
+        assert {s.model for s in store.scenes() if s.status == "done"} == {store.current_version().model_hash}

@@ -341,6 +341,11 @@ _JS = r"""
     });
   }
 
+  function listItems(id, texts) {
+    const ul = $(id);
+    ul.replaceChildren(...texts.map(t => { const li = document.createElement("li"); li.textContent = t; return li; }));
+  }
+
   async function openPanel(i) {
     amber.current = i;
     const d = source.data;
@@ -353,13 +358,14 @@ _JS = r"""
       const info = await getJSON(`/api/point/${i}`);
       if (amber.current !== i) return;
       $("p-prob").textContent = info.probability_text;
-      $("p-reasons").innerHTML = info.reasons.map(r =>
-        `<li>${r.words}: <b>${r.direction}</b> (${r.contribution > 0 ? "+" : ""}${r.contribution.toFixed(2)}; ${r.compared} here)</li>`).join("");
+      listItems("p-reasons", info.reasons.map(r =>
+        `${r.words}: ${r.direction} (${r.contribution > 0 ? "+" : ""}${r.contribution.toFixed(2)}; ${r.compared} here)`));
       neighbourThumbs(info.neighbours);
-      $("p-history").innerHTML = info.history.map(h => `<li>${h.when}: ${h.label} (${h.source})${h.note ? " — " + h.note : ""}</li>`).join("");
+      // notes come from readers' reports and imported CSVs: text, never markup
+      listItems("p-history", info.history.map(h => `${h.when}: ${h.label} (${h.source})${h.note ? " — " + h.note : ""}`));
     } else {
       $("p-prob").textContent = "probability " + d.prob_text[i];
-      $("p-reasons").innerHTML = boot.extras.reasons[i].map(r => `<li>${r}</li>`).join("");
+      listItems("p-reasons", boot.extras.reasons[i]);
       neighbourThumbs(boot.extras.neighbours[i]);
     }
     amber.panelReady = i;

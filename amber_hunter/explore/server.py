@@ -172,7 +172,21 @@ def _handler(app: ExploreApp):
         def do_HEAD(self):
             self.do_GET()
 
+        def _foreign_host(self) -> bool:
+            """A request whose Host is not this server's own name: a page on another site whose
+            name was made to resolve to 127.0.0.1 (DNS rebinding) must not read crops or labels."""
+            host, port = self.server.server_address[:2]
+            own = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", host)}
+            if self.server.any_host:
+                return False
+            if self.headers.get("Host") not in own:
+                self._send(403, b"unknown Host header; open the URL the app printed", "text/plain")
+                return True
+            return False
+
         def do_GET(self):
+            if self._foreign_host():
+                return
             try:
                 self._get()
             except SceneUnavailableError as exc:
@@ -233,6 +247,8 @@ def _handler(app: ExploreApp):
             return self._not_found()
 
         def do_POST(self):
+            if self._foreign_host():
+                return
             try:
                 if urlsplit(self.path).path != "/api/label":
                     return self._not_found()
@@ -240,14 +256,20 @@ def _handler(app: ExploreApp):
                 if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):
                     return self._send(403, b"cross-origin requests are refused", "text/plain")
                 length = int(self.headers.get("Content-Length") or 0)
-                if length > 10_000_000:
-                    return self._send(413, b"too large", "text/plain")
+                if length < 0 or length > 10_000_000:
+                    return self._send(413, b"body length must be 0 to 10 MB", "text/plain")
                 body = json.loads(self.rfile.read(length) or b"{}")
-                indices = body.get("indices")
+                if not isinstance(body, dict):
+                    return self._json({"error": "the body must be a JSON object"}, 400)
+                indices, note = body.get("indices"), body.get("note")
                 if not isinstance(indices, list) or not indices or not all(
-                        isinstance(i, int) and 0 <= i < len(app.points) for i in indices):
+                        type(i) is int and 0 <= i < len(app.points) for i in indices):
                     return self._json({"error": "indices must be a non-empty list of point numbers"}, 400)
-                rows = app.label(sorted(set(indices)), body.get("label"), body.get("note"))
+                if note is not None and not isinstance(note, str):
+                    return self._json({"error": "note must be text"}, 400)
+                if not isinstance(body.get("label"), str):
+                    return self._json({"error": "label must be 'mining' or 'not mining'"}, 400)
+                rows = app.label(sorted(set(indices)), body.get("label"), note)
                 return self._json({"labelled": rows})
             except (ConfigError, ValueError) as exc:
                 return self._json({"error": str(exc)}, 400)
@@ -267,6 +289,8 @@ def _bokeh_js_dir() -> Path:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = False  # a busy port must be seen as busy
+    #: Listening on all interfaces (``--host 0.0.0.0``): any Host header is the user's choice.
+    any_host = False
 
 
 def make_server(app: ExploreApp, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, str]:
@@ -283,6 +307,7 @@ def make_server(app: ExploreApp, host: str = "127.0.0.1", port: int = 0) -> tupl
             continue
         if attempt:
             note = f"port {port} is in use; using {port + attempt} instead"
+        server.any_host = host not in ("127.0.0.1", "localhost", "::1")
         return server, note
     raise ConfigError(f"ports {port}-{port + PORT_TRIES - 1} on {host} are all in use; choose another with --port")
 

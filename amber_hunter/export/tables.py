@@ -46,6 +46,7 @@ def write_gpkg(features: list[dict], path: Path) -> None:
     """The detections as a GeoPackage with a ``scenes`` and a ``superpixels`` layer (EPSG:4326),
     written next to ``path`` and moved into place, so a reader never sees half a file."""
     try:
+        import pyogrio.errors
         import pyogrio.raw
         import shapely
     except ImportError:
@@ -53,15 +54,20 @@ def write_gpkg(features: list[dict], path: Path) -> None:
     import numpy as np
 
     tmp = path.with_name(f".tmp-{path.name}")  # keeps the .gpkg extension GDAL checks
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp.unlink(missing_ok=True)
-    for layer, kind in zip(GPKG_LAYERS, ("scene", "superpixel")):
-        chosen = [f for f in features if f["properties"]["kind"] == kind]
-        names = sorted({k for f in chosen for k in f["properties"]} - {"kind"}) or ["scene_id"]
-        geometry = shapely.to_wkb(np.array([shapely.geometry.shape(f["geometry"]) for f in chosen], dtype=object))
-        columns = [_column([f["properties"].get(name) for f in chosen]) for name in names]
-        pyogrio.raw.write(tmp, np.asarray(geometry, dtype=object), columns, names, layer=layer, driver="GPKG",
-                      crs=CRS, geometry_type="Polygon", append=layer != GPKG_LAYERS[0], promote_to_multi=False)
-    tmp.replace(path)
+    try:
+        for layer, kind in zip(GPKG_LAYERS, ("scene", "superpixel")):
+            chosen = [f for f in features if f["properties"]["kind"] == kind]
+            names = sorted({k for f in chosen for k in f["properties"]} - {"kind"}) or ["scene_id"]
+            geometry = shapely.to_wkb(np.array([shapely.geometry.shape(f["geometry"]) for f in chosen], dtype=object))
+            columns = [_column([f["properties"].get(name) for f in chosen]) for name in names]
+            pyogrio.raw.write(tmp, np.asarray(geometry, dtype=object), columns, names, layer=layer, driver="GPKG",
+                              crs=CRS, geometry_type="Polygon", append=layer != GPKG_LAYERS[0], promote_to_multi=False)
+        tmp.replace(path)
+    except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path} ({exc}); choose another --out folder") from None
 
 
 def _column(values: list):

@@ -192,7 +192,7 @@ def _in_scene(scene: Resegmented, scene_id: str, report: Report) -> list[int]:
 def match_report(store: RunStore, scenes: list[StoredScene], report: Report, segment) -> FeedbackRow:
     """The run's superpixels under ``report``, or why there are none."""
     extent = _extent(report.geometry)
-    near = [s for s in scenes if s.bounds is not None and _touches(s.bounds, extent)]
+    near = [s for s in scenes if _touches(s.bounds or cell_from_id(s.scene_id).bounds, extent)]  # pending: no bounds yet
     matched, reasons = [], []
     for scene in near:
         if scene.status != "done":

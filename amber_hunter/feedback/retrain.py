@@ -20,6 +20,7 @@ training set and the new one, each through ``fit_with_threshold``'s out-of-fold 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -86,14 +87,19 @@ def _inside(polygons: list[dict], lon: float, lat: float) -> bool:
 
 
 def _training_set(bundle: ModelBundle, data) -> tuple[Dataset, list[Path]]:
-    """The labelled folders the model was trained on (or ``data``), loaded."""
-    sources = [Path(d) for d in (data or bundle.metadata.training.get("sources") or [])]
+    """The labelled folders the model was trained on (or ``data``), with the labels CSV it was
+    trained with (a model trained with ``--labels`` keeps those crops and relabels)."""
+    training = bundle.metadata.training
+    sources = [Path(d).resolve() for d in (data or training.get("sources") or [])]
     missing = [str(d) for d in sources if not d.is_dir()]
     if not sources or missing:
         raise FeedbackError(f"the model's training data ({', '.join(missing) or 'none recorded'}) is not on this "
                             "machine; give it with --data DIR (e.g. the texty-amber dataset)")
-    dataset = load_dataset(sources)
-    return dataset, sources
+    labels_csv = None if data else training.get("labels_csv")
+    if labels_csv and not Path(labels_csv).is_file():
+        raise FeedbackError(f"the model's labels CSV {labels_csv} is not on this machine; give the data with --data "
+                            "DIR (and add the CSV's labels to the store with 'amber-hunter labels import')")
+    return load_dataset(sources, labels_csv), sources
 
 
 def retrain(run_dir: str | Path, *, data=None, labels: LabelStore | None = None, cache_dir=None, seed: int = 0,
@@ -147,7 +153,10 @@ def retrain(run_dir: str | Path, *, data=None, labels: LabelStore | None = None,
     target = parent.metadata.target_precision
     _, before = _figures(features, old_labels, dataset.groups, blocks, target, seed)
     classifier, after = _figures(all_features, all_labels, groups, blocks, target, seed)
-    data_hash = dataset.content_hash(hashes)
+    kept = [h for h, k in zip(hashes, keep) if k]
+    data_hash = hashlib.sha256("\n".join(
+        [f"{h}:{y}" for h, y in zip(kept, new_labels[keep])] +
+        [f"{r.scene_id}#{r.segment}:{r.label}" for r in run_rows]).encode()).hexdigest()[:16]
     changes = {"parent": parent_version.version, "crops": int(keep.sum()), "run_superpixels": len(run_rows),
                "dropped_positives": dropped, "relabelled_crops": int((new_labels != old_labels).sum()),
                "feedback_reports": len(feedback), "before": asdict(before), "after": asdict(after)}

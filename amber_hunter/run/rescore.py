@@ -32,7 +32,7 @@ from ..errors import AmberHunterError, ModelBundleError, RunStoreError
 from ..geo.tiles import Bounds
 from ..model.classify import ModelBundle, load_bundle, resolve_model
 from .config import model_hash
-from .store import ModelVersion, RescoredRegion, RescoredScene, RunStore, StoredScene
+from .store import ModelVersion, RescoredRegion, RescoredScene, RunStore
 
 #: Above this share of superpixels changing verdict, the diff says so loudly: either the model
 #: really is that different, or it was trained for another area or resolution.
@@ -96,6 +96,9 @@ def ensure_first_version(store: RunStore) -> ModelVersion:
         return current
     config = store.config
     source = resolve_model(config.model)
+    if config.model_hash and model_hash(str(source)) != config.model_hash:
+        raise ModelBundleError(f"the scan's model {source} has changed since the scan (retrained in place?), so it "
+                               "cannot be kept as version 1; put the original bundle back, or rescan into a new run")
     n, folder = store.next_version_dir()
     _copy_bundle(source, folder)
     first = ModelVersion(n, folder, config.model_hash or model_hash(config.model), None, None,
@@ -114,7 +117,7 @@ def _copy_bundle(source: Path, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def _decide(scene: StoredScene, regions, probs: dict[int, float], threshold: float, min_positive: int):
+def _decide(regions, probs: dict[int, float], threshold: float, min_positive: int):
     new = []
     for g in regions:
         p = probs.get(g.label)
@@ -154,7 +157,7 @@ def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None 
             regions = store.regions(scene.scene_id)
             probs = {g.label: float(probs_all[index[(scene.scene_id, g.label)]]) for g in regions
                      if (scene.scene_id, g.label) in index}
-            new, flagged, area, max_p = _decide(scene, regions, probs, threshold, min_positive)
+            new, flagged, area, max_p = _decide(regions, probs, threshold, min_positive)
             was = {g.label for g in regions if g.positive}
             now = {g.label for g in new if g.positive}
             picture = None
@@ -162,15 +165,22 @@ def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None 
                 try:  # outlines of the new positives, and the map's picture of a changed flagged scene
                     again = resegment(store, scene.scene_id, slic)
                     cell = cell_from_id(scene.scene_id)
-                    new = [RescoredRegion(g.label, g.probability, g.positive, region_outline(again.regions[g.label], cell))
-                           if g.label in now - was and g.label in again.regions else g for g in new]
+                    boxes = {g.label: g.bbox for g in regions}
+                    missing += len((now - was) - again.regions.keys())
+                    new = [RescoredRegion(g.label, g.probability, g.positive,
+                                          region_outline(again.regions[g.label], cell) if g.label in again.regions
+                                          else _rectangle(boxes[g.label]))
+                           if g.label in now - was else g for g in new]
                     if flagged:
                         ordered = sorted(again.regions.values(), key=lambda r: r.label)
                         p = np.array([probs.get(r.label, np.nan) for r in ordered], np.float32)
                         seg = Segmentation(again.labels, ordered)
                         picture = _thumbnail(overlay(again.image, seg, aggregate(p, seg, threshold, min_positive)))
-                except AmberHunterError:
+                except AmberHunterError:  # tiles gone: the new positives are drawn as their bboxes
                     missing += len(now - was)
+                    boxes = {g.label: g.bbox for g in regions}
+                    new = [RescoredRegion(g.label, g.probability, g.positive, _rectangle(boxes[g.label]))
+                           if g.label in now - was else g for g in new]
             rescored.append(RescoredScene(scene.scene_id, flagged, len(now), max_p, area, tuple(new), picture))
             areas = {g.label: g.area_m2 / 10_000 for g in regions}
             for side, labels in ((added, now - was), (removed, was - now), (kept, now & was)):

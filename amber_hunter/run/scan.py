@@ -31,7 +31,7 @@ from ..model.segment import Region
 from ..sources import CachedTileSource, TileSource, open_source
 from .config import RunConfig
 from .scenes import TILE_SIZE, Scene, cell_from_id, load_scene, scene_error, zoom_up
-from .store import RegionRecord, RunStatus, RunStore, SceneRecord
+from .store import RegionRecord, RunStatus, RunStore, SceneRecord, current_model_config
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ def scan(
     processed, interrupted = 0, False
     # Checked before any scene is fetched, and before the run directory exists: a typo must fail
     # now, leaving nothing behind, not after a night of failed scenes.
+    config = current_model_config(run_dir, config)
     detector = Detector.load(config.model, min_positive=config.min_positive)
     created = not Path(run_dir).exists()
     try:

@@ -283,6 +283,26 @@ def _file_stem(scene_id: str) -> str:
     return scene_id.replace("/", "_")
 
 
+def current_model_config(run_dir: str | Path, config: RunConfig) -> RunConfig:
+    """``config`` with the run's current model version when the model given is one the run has
+    been retrained from: rerunning the original scan command after a ``retrain`` resumes with the
+    retrained model, instead of being refused as a changed model (or, with ``--force``, scoring new
+    scenes with the old one). Any other model is left as given (a real change of model)."""
+    db = Path(run_dir) / "run.sqlite"
+    if not db.is_file():
+        return config
+    with RunStore(run_dir) as store:
+        if not store._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'models'").fetchone():
+            return config
+        versions = store.model_versions()
+    current = next((v for v in versions if v.current), None)
+    if current is None or config.model_hash == current.model_hash:
+        return config
+    if any(v.model_hash == config.model_hash for v in versions):
+        return dataclasses.replace(config, model=str(current.path), model_hash=current.model_hash)
+    return config
+
+
 class RunStore:
     """One run directory, opened for a scan (with its config) or for reading (``config=None``)."""
 
