@@ -111,9 +111,11 @@ def test_train_to_a_file_prints_progress_lines_and_no_tensorflow_line(efflite_tr
     assert lines, "train wrote no progress line to its log in all that time"
     assert all(PROGRESS.match(line) for line in lines), efflite_train.stderr  # progress lines and nothing else
     assert any("fitting the classifier" in line for line in lines), efflite_train.stderr
-    # A line every 0.2 s all along, also while TensorFlow loads with its own output silenced.
+    # A line every 0.2 s all along, also while TensorFlow loads with its own output silenced (the
+    # import holds the GIL in stretches: on a loaded 2-core CI box a gap of a few seconds is normal;
+    # no line at all during the import, the bug this guards against, leaves a gap of its whole length).
     times = [seconds_so_far(line) for line in lines]
-    assert times[0] <= 2 and max(b - a for a, b in itertools.pairwise(times)) <= 3, times
+    assert times[0] <= 3 and max(b - a for a, b in itertools.pairwise(times)) <= 6, times
 
 
 def test_scan_to_a_file_prints_progress_lines_and_no_tensorflow_line(efflite_train, region, tmp_path):

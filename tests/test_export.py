@@ -176,3 +176,23 @@ def test_a_registry_in_a_projected_crs_says_so_and_names_the_fix(crs, folder_run
     assert "Web Mercator" not in message and "ogr2ogr -t_srs EPSG:4326" in message
     assert ("EPSG::3857" in message) if crs else ("looks projected" in message)
     assert not (tmp_path / "out").exists()
+
+
+def test_refresh_rewrites_only_this_runs_exports_and_reports_what_it_cannot(folder_run, tmp_path, monkeypatch):
+    import shutil
+
+    from amber_hunter.export.writers import refresh_exports
+
+    run = tmp_path / "run"
+    shutil.copytree(folder_run, run)
+    export(run, tmp_path / "plain", basemap="none")
+    monkeypatch.setenv("AMBER_TEST_MAP_KEY", "k123")
+    export(run, tmp_path / "keyed", basemap="https://t.example.org/{z}/{x}/{y}?k={key}", basemap_key_env="AMBER_TEST_MAP_KEY")
+    monkeypatch.delenv("AMBER_TEST_MAP_KEY")
+    (tmp_path / "plain" / "map.html").unlink()
+    done, failed = refresh_exports(run)
+    assert [p.map for p in done] == [tmp_path / "plain" / "map.html"] and (tmp_path / "plain" / "map.html").is_file()
+    assert failed == [(str((tmp_path / "keyed").resolve()), failed[0][1])] and "AMBER_TEST_MAP_KEY" in failed[0][1]
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert refresh_exports(copy) == ([], [])  # the original's exports are not the copy's to overwrite

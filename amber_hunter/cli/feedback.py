@@ -31,8 +31,12 @@ def _refresh(run_dir) -> None:
     """Write the run's exports again (the same folders and options), so the map shows the change."""
     from ..export.writers import refresh_exports
 
-    for paths in refresh_exports(run_dir):
+    done, failed = refresh_exports(run_dir)
+    for paths in done:
         click.echo(f"refreshed {paths.map or paths.summary} (with a 'changes since the last model' layer)")
+    for out, reason in failed:
+        click.echo(f"could not refresh the export in {out} ({reason}); rerun 'amber-hunter export {run_dir} --out "
+                   f"{out} ...'", err=True)
 
 
 @click.group(cls=Cli)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import atomic
-from ..errors import ConfigError
+from ..errors import AmberHunterError, ConfigError
 from ..run.store import RunStore
 from .detections import RunDetections, collect, footprint_m2
 from .geojson import feature_collection
@@ -109,24 +109,33 @@ def export(
     atomic.write_json(paths.summary, {k: v for k, v in asdict(summary).items() if v is not None})
     with RunStore(run_dir) as store:  # remembered, so a retrain or rescore can refresh this export
         store.note("export", json.dumps({
-            "out": str(out.resolve()), "registry": None if registry is None else str(Path(registry).resolve()),
+            "run": str(Path(run_dir).resolve()), "out": str(out.resolve()), "registry": None if registry is None else str(Path(registry).resolve()),
             "basemap": basemap, "formats": list(chosen), "basemap_subdomains": list(basemap_subdomains),
             "basemap_key_env": basemap_key_env, "imagery": imagery}))
     return paths, summary
 
 
-def refresh_exports(run_dir: str | Path) -> list[ExportPaths]:
+def refresh_exports(run_dir: str | Path) -> tuple[list[ExportPaths], list[tuple[str, str]]]:
     """Write every export of the run again, with the options it was made with, into the same
     folders (the latest export per folder): after a retrain the published map shows the new
-    verdicts, and its "changes since the last model" layer what moved."""
+    verdicts, and its "changes since the last model" layer what moved. Returns the exports
+    refreshed and ``(folder, reason)`` for those that could not be (an unset key variable, a
+    moved registry): the model change stands either way. Exports recorded by the run a copied run
+    directory came from are not this run's and are left alone."""
+    run_dir = Path(run_dir).resolve()
     with RunStore(run_dir) as store:
         latest = {}
         for event in store.events("export"):
             options = json.loads(event.message)
-            latest[options["out"]] = options
-    done = []
+            if options.pop("run", None) == str(run_dir):
+                latest[options["out"]] = options
+    done, failed = [], []
     for options in latest.values():
         out = options.pop("out")
-        if Path(out).is_dir():
+        if not Path(out).is_dir():
+            continue
+        try:
             done.append(export(run_dir, out, options.pop("registry"), options.pop("basemap"), **options)[0])
-    return done
+        except AmberHunterError as exc:
+            failed.append((out, str(exc)))
+    return done, failed
