@@ -196,3 +196,22 @@ def test_refresh_rewrites_only_this_runs_exports_and_reports_what_it_cannot(fold
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     assert refresh_exports(copy) == ([], [])  # the original's exports are not the copy's to overwrite
+
+
+def test_review_marks_key_survives_a_retrain(folder_run, tiny_model, tmp_path):
+    """The browser keeps an editor's marks under the page's runKey: a rescore must not change it,
+    or marks not yet downloaded would vanish from the refreshed map."""
+    import dataclasses
+    import shutil
+
+    from amber_hunter.model.classify import load_bundle, save_bundle
+    from amber_hunter.run.rescore import rescore_run
+
+    run = tmp_path / "run"
+    shutil.copytree(folder_run, run)
+    key = lambda: re.search(r'"runKey":\s*"([^"]+)"', export(run, tmp_path / "out", basemap="none")[0].map.read_text())[1]
+    before = key()
+    bundle = load_bundle(tiny_model)
+    rescore_run(run, save_bundle(dataclasses.replace(bundle, metadata=dataclasses.replace(bundle.metadata, threshold=0.3)),
+                                 tmp_path / "m"))
+    assert key() == before and before.startswith("run:")

@@ -107,6 +107,9 @@ class RunDetections:
     scenes: tuple[SceneDetection, ...]
     gaps: tuple[CoverageGap, ...]
     registry: Registry | None
+    #: The run's identity for the browser's review marks: its name and the time of its first
+    #: start. Not the model: a retrain must not hide the marks an editor has not sent yet.
+    key: str = ""
 
     @property
     def area(self) -> Area:
@@ -164,5 +167,6 @@ def collect(store: RunStore, registry: Registry | None = None, *, imagery: bool 
             source.close()
     starts = store.events("start")
     started = dt.datetime.fromtimestamp(starts[0].ts, dt.timezone.utc).date() if starts else None
-    return RunDetections(store.run_dir.resolve().name, started, config, store.status(), tuple(scenes), tuple(gaps),
-                         registry)
+    name = store.run_dir.resolve().name
+    return RunDetections(name, started, config, store.status(), tuple(scenes), tuple(gaps), registry,
+                         f"{name}:{starts[0].ts:.3f}" if starts else name)

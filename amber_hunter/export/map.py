@@ -191,7 +191,7 @@ def page_data(run: RunDetections, summary: ExportSummary, files: MapFiles, basem
     totals = {k: v for k, v in summary.__dict__.items()}
     return {
         "run": run.name,
-        "runKey": f"{run.name}:{run.config.model_hash}",
+        "runKey": run.key,
         "title": f"{run.name}: suspected surface mining",
         "subtitle": f"amber-hunter scan started {started}, exported {dt.date.today().isoformat()}; "
                     "a flagged scene is a suspicion to check, not proof",
