@@ -280,6 +280,18 @@ def test_a_foreign_host_header_and_malformed_bodies_are_refused(app_url):
     assert store.history() == []
 
 
+def test_suggest_picks_unlabelled_points_only(app_url, points):
+    url, _ = app_url
+    status, body = get(url, "/api/suggest?n=5")
+    first = json.loads(body)["suggested"]
+    assert status == 200 and len(first) == 5 == len(set(first))
+    assert json.loads(get(url, "/api/suggest?n=5")[1])["suggested"] == first  # seeded
+    post(url, "/api/label", {"indices": first[:2], "label": "mining"})
+    again = json.loads(get(url, f"/api/suggest?n={len(points)}")[1])["suggested"]
+    assert len(again) == len(points) - 2 and not set(first[:2]) & set(again)
+    assert get(url, "/api/suggest?n=0")[0] == 400 and get(url, "/api/suggest?n=5&strategy=best")[0] == 400
+
+
 def test_a_busy_port_moves_to_the_next_free_one(points):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))

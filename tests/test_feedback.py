@@ -180,3 +180,55 @@ def test_a_report_on_a_scene_not_scanned_yet_says_so(run, region, tmp_path):
     with LabelStore(tmp_path / "labels.sqlite") as labels:
         (row,) = import_feedback(run, report, labels).rows
     assert row.matched == () and row.reason == f"scene {scene} is not scanned yet"
+
+
+RETRAIN_KILLED = """
+import sys, time
+from amber_hunter.run import store as s
+original = s.RunStore._event
+def slow(self, kind, scene_id=None, message=None):
+    original(self, kind, scene_id, message)
+    if kind == "rescore" and message and message.startswith("{"):  # inside the rescore's transaction
+        print("committing", flush=True)
+        time.sleep(120)
+s.RunStore._event = slow
+from amber_hunter.feedback.retrain import retrain
+from amber_hunter.learn.labels import LabelStore
+with LabelStore(sys.argv[3]) as labels:
+    retrain(sys.argv[1], data=[sys.argv[2]], labels=labels)
+"""
+
+
+def test_a_retrain_killed_with_minus_9_leaves_the_run_on_its_previous_model(run, region, small_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from scan_fixtures import results
+
+    victim = {v: k for k, v in region.ids.items()}["positive2"]
+    report = _geojson(tmp_path / "r.geojson", [("Polygon", _scene_polygon(run, victim, -0.001), "not-mining")])
+    with LabelStore(tmp_path / "labels.sqlite") as labels:
+        import_feedback(run, report, labels)
+    before = results(run)
+    proc = subprocess.Popen([sys.executable, "-c", RETRAIN_KILLED, str(run), str(small_data), str(tmp_path / "labels.sqlite")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line, deadline = "", time.monotonic() + 300
+        while "committing" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the retrain ended before its rescore's transaction"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (run / "models" / "v2" / "model.json").is_file()  # written before the transaction, never committed
+    assert results(run) == before
+    with RunStore(run) as store:
+        assert [(v.version, v.current) for v in store.model_versions()] == [(1, True)]
+        assert store.config.model == str(run / "models" / "v1")
+    with LabelStore(tmp_path / "labels.sqlite") as labels:  # and the next retrain goes through, as v2
+        assert retrain(run, data=[small_data], labels=labels).version == 2

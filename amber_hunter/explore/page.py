@@ -153,6 +153,9 @@ button {{ margin: 2px; }}
     <label>Cluster <select id="clusterfilter"><option value="all">all</option></select></label>
   </div>
   <div id="legend"></div>
+  <div class="labelling"><button id="suggest">suggest 20 to label</button>
+    <span class="note">unlabelled superpixels picked by <code>amber-hunter suggest</code>'s default (random: best in
+    training/adaptation.py); they become the selection</span></div>
   <div id="selection"><span id="selcount"></span>
     <span class="labelling"><button id="sel-mining">label the selection: mining</button>
     <button id="sel-not">label the selection: not mining</button></span>
@@ -399,6 +402,11 @@ _JS = r"""
     $("sel-mining").onclick = () => label(source.selected.indices.slice(), "mining");
     $("sel-not").onclick = () => label(source.selected.indices.slice(), "not mining");
     $("sel-clear").onclick = () => { source.selected.indices = []; };
+    $("suggest").onclick = async () => {
+      const res = await getJSON("/api/suggest?n=20");
+      source.selected.indices = res.suggested;
+      status(res.suggested.length ? `suggested ${res.suggested.length} to label` : "nothing left to label");
+    };
     recolour();
     amber.ready = true;
     status(`${source.data.x.length} points`);

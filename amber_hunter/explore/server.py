@@ -5,6 +5,7 @@ Endpoints:
 
 - ``GET /``: the page; ``GET /static/bokeh/<file>``: BokehJS from the installed bokeh package;
 - ``GET /api/plot``: the Bokeh figure (with the label store's current labels);
+- ``GET /api/suggest?n=N&strategy=S``: unlabelled points worth labelling next (``learn.suggest``);
 - ``GET /api/point/<i>``, ``/api/neighbours/<i>?k=K``, ``/api/gradcam/<i>`` (is there a heatmap,
   and its note): about points;
 - ``GET /thumb/<i>.png``, ``/context/<i>.png``, ``/gradcam/<i>.png``: pictures, made on demand and
@@ -104,6 +105,19 @@ class ExploreApp:
             while len(self._pictures) > 4096:
                 self._pictures.popitem(last=False)
         return data
+
+    def suggest(self, n: int, strategy: str) -> list[int]:
+        """The ``n`` unlabelled points most worth labelling next (``learn.suggest``): on a run,
+        superpixels nobody has labelled; on a dataset, crops the label store has no label for."""
+        from ..learn.suggest import suggest
+
+        labels, origins = self.labels()
+        pool = [i for i, (text, origin) in enumerate(zip(labels, origins)) if origin != "label store"
+                and (self.points.kind == "dataset" or text == "unlabelled")]
+        if not pool:
+            return []
+        picks = suggest(self.points.bundle, self.points.features[pool], n, strategy)
+        return [pool[p.index] for p in picks]
 
     def _embedder(self):
         """The model's embedder, built once (loading CNN weights takes seconds) and only when a
@@ -213,6 +227,15 @@ def _handler(app: ExploreApp):
             if m := re.fullmatch(r"/api/point/(\d+)", path):
                 i = self._index(m[1])
                 return self._json(app.point(i)) if i is not None else self._not_found()
+            if path == "/api/suggest":
+                query = parse_qs(url.query)
+                n, strategy = query.get("n", ["20"])[0], query.get("strategy", ["random"])[0]
+                if not n.isdigit() or not 0 < int(n) <= 500:
+                    return self._json({"error": "n must be 1 to 500"}, 400)
+                try:
+                    return self._json({"suggested": app.suggest(int(n), strategy)})
+                except ConfigError as exc:
+                    return self._json({"error": str(exc)}, 400)
             if m := re.fullmatch(r"/api/neighbours/(\d+)", path):
                 i = self._index(m[1])
                 k = parse_qs(url.query).get("k", ["20"])[0]
