@@ -10,15 +10,17 @@ so the ratio holds even though the machine is shared:
   requests, as a user's tile server would be.
 * **Scan (the baseline).** ``amber_hunter.run.scan.scan`` in this process into a fresh run
   directory (its tile cache empty, so every tile really goes over HTTP: 16 requests per scene),
-  timed from the call to its return, model loading included, imports excluded (a warm-up
-  ``Detector.load`` imports everything first, untimed). ``--scan-rounds`` scans (default 1: a
-  default-model scan of 96 scenes takes tens of minutes on a loaded 2-core box); each must flag the
-  same scenes, once per repeat of the grid. The steady per-scene rate from the run's own events is
-  recorded too (model load and the first scene left out).
+  timed from the call to its return, model loading included. A warm-up ``Detector.load`` first
+  imports the package, XGBoost and the bundle (untimed); a CNN embedder builds its network (and
+  imports TensorFlow) lazily at the first scene, which the scan's time includes, as a CLI scan's
+  would. ``steady_s_per_scene`` (from the run's event times, the first scene left out) is the
+  per-scene rate without it. ``--scan-rounds`` scans, median (default 1: a default-model scan of
+  96 scenes takes about 25 minutes on a loaded 2-core box); each must flag the same scenes, once
+  per repeat of the grid.
 * **Rescore.** ``rescore_run`` on a fresh copy of the first scan's run directory every round (the
   copy is not timed), so every round starts from the same state: no model versions yet, so each
-  round also pays the copy of the scan's model as ``v1``. ``--rounds`` rounds (>= 3), median. Two
-  models, interleaved round by round:
+  round also pays the copy of the scan's model as ``v1``. ``--rounds`` rounds (>= 3), median. Three
+  models, interleaved round by round (the order rotates):
 
   - ``same``: the scan's own model. Nothing changes; this is the pure cost of reading every stored
     embedding, predicting, re-deciding every scene and committing.
@@ -28,31 +30,38 @@ so the ratio holds even though the machine is shared:
     crops' embeddings from the embedding cache, as the CLI does) plus those hard negatives. That
     retrain is timed once (it rescores the run itself too) and its bundle is what the rounds use.
   - ``looser``: the scan's model with its threshold lowered until 5 % of the superpixels the scan
-    called negative become positive, a bigger change than a feedback retrain usually makes. Each
-    scene that gains a positive superpixel is segmented again from the stored tiles (its outline
-    and its map picture), so this is the cost of a rescore that changes things.
+    called negative become positive, a bigger change than a feedback retrain usually makes.
 
-  Every rescore must make no tile request (the server's count is checked) and decide as expected:
-  ``same`` changes nothing, ``looser`` only adds.
+  A rescore segments a scene again from the stored tiles (SLIC, as the scan did) when it gains a
+  positive superpixel (for its outline) and when it is flagged afterwards with other positives
+  than before (for its map picture); the profile round counts those scenes. Every rescore must
+  make no tile request (the server's count is checked) and decide as expected: ``same`` changes
+  nothing, ``retrained`` makes the retrain's own diff, ``looser`` only adds.
 * **Memory.** RSS of this process is sampled from ``/proc/self/status`` every 10 ms during each
-  rescore; the peak minus the RSS just before is recorded. ``rescore_run`` reads every stored
-  embedding at once, so this grows with the run: it is projected to 450,000 scenes too.
+  rescore; the peak minus the RSS just before is recorded (a lower bound: the process reuses heap
+  freed by the scan and earlier rounds). ``rescore_run`` reads every stored embedding at once, so
+  what it holds grows with the run: the float32 vectors per scene are projected instead.
 * **Profile.** One extra round of each model runs under ``cProfile`` (not counted in the times):
   the share of the rescore spent reading the Parquet shards, predicting, reading the scene rows,
   segmenting again, committing and writing the diff.
-* **Projection to 450,000 scenes** (the study's count): rescore seconds per scene x 450,000, the
-  embeddings' bytes on disk per scene x 450,000 (one Parquet shard per scene) and the rescore's
-  memory growth per scene x 450,000. Per-scene costs are assumed linear; the one-shard-per-scene
+* **Projection to 450,000 scenes** (the study's count): rescore seconds per scene x 450,000 (the
+  fixed costs, model load and the v1 copy, are spread over the scenes, so it errs high), the
+  embeddings' bytes on disk per scene x 450,000 (one Parquet shard per scene) and their float32
+  size in memory per scene x 450,000. Per-scene costs are assumed linear; the one-shard-per-scene
   layout means 450,000 files in one folder, which this benchmark cannot test at that scale.
 
 The machine is shared: the load average is recorded at every measurement; judge absolute seconds
 by it, and the ratio (scan / rescore, medians of the same session) over them.
 
     python benchmarks/bench_rescore.py [--models fast default] [--repeat 16] [--rounds 3] \
-        [--scan-rounds 1] [--out benchmarks/results-rescore.json] [--workdir DIR] [--data DIR]
+        [--scan-rounds 1] [--out benchmarks/results-rescore.json] [--workdir DIR] [--data DIR] \
+        [--cache-dir DIR]
+    python benchmarks/bench_rescore.py --rederive --out benchmarks/results-rescore.json [--workdir DIR]
 
 ``--out`` is merged: a model measured now replaces that model's entry and leaves the others, so
-``fast`` and ``default`` can be measured in separate invocations. Exit code 0 when every check
+``fast`` and ``default`` can be measured in separate invocations. ``--rederive`` measures nothing:
+it recomputes the medians, ratios and projections from the raw rounds in ``--out`` (and the
+profiles from the ``.prof`` files a kept ``--workdir`` holds). Exit code 0 when every check
 passed, 2 when a scan or a rescore did something else than expected.
 """
 
@@ -360,9 +369,10 @@ def profile_breakdown(path: Path) -> dict:
                   if file.endswith("run/rescore.py") and name == "rescore_run"), None)
     parts = {}
     for what, (suffix, name) in PROFILED.items():
-        # max, not sum: a name can match a wrapper and the function it calls (predict_proba)
-        ct = max((v[3] for (file, _, fn), v in stats.items() if file.endswith(suffix) and fn == name), default=0.0)
-        parts[what] = {"s": round(ct, 4), "share": round(ct / total, 4) if total else None}
+        # the outermost match: a name can match a wrapper and the function it calls (predict_proba)
+        ct, calls = max(((v[3], v[1]) for (file, _, fn), v in stats.items() if file.endswith(suffix) and fn == name),
+                        default=(0.0, 0))
+        parts[what] = {"s": round(ct, 4), "share": round(ct / total, 4) if total else None, "calls": calls}
     top = sorted(((v[3], f"{Path(file).name}:{line} {fn}") for (file, line, fn), v in stats.items()),
                  reverse=True)[:25]
     return {"total_s": total, "parts": parts, "top_cumulative": [{"s": round(s, 4), "function": f} for s, f in top]}
@@ -370,7 +380,7 @@ def profile_breakdown(path: Path) -> dict:
 
 def measure_model(model: str, region, server, work: Path, args) -> tuple[dict, list[str]]:
     """Scan(s), then interleaved rescore rounds of the same and the looser model; one model's entry."""
-    from amber_hunter.model.classify import resolve_model
+    from amber_hunter.model.classify import load_bundle, resolve_model
     from amber_hunter.model.detect import Detector
 
     problems: list[str] = []
@@ -378,7 +388,7 @@ def measure_model(model: str, region, server, work: Path, args) -> tuple[dict, l
     n_scenes = len(region.scenes)
     loadavg_start = os.getloadavg()
     t0 = time.perf_counter()
-    Detector.load(model)  # imports (TensorFlow for the default model) and a first load: untimed
+    Detector.load(model)  # imports and a first load, untimed; a CNN is built lazily, in the first scene
     log(f"{model}: warm-up load {time.perf_counter() - t0:.1f} s (imports; not counted)")
 
     scans, flagged_ref = [], None
@@ -445,45 +455,79 @@ def measure_model(model: str, region, server, work: Path, args) -> tuple[dict, l
             if name == "looser" and (res["removed"]["superpixels"] or not res["added"]["superpixels"]):
                 problems.append(f"{model} rescore looser round {res['round']}: expected additions only")
 
+    entry = {
+        "model": model, "scenes": n_scenes, "repeat": args.repeat, "loadavg_start": loadavg_start,
+        "loadavg_end": os.getloadavg(),
+        "scan": {"rounds": len(scans), "flagged_scenes": flagged_ref, "runs": scans},
+        "run": {**stats, "dim": load_bundle(resolve_model(model)).metadata.dim, "embedding_shards": files,
+                "embeddings_bytes": apparent, "embeddings_bytes_on_disk": allocated},
+        "retrain": retrain_info,
+        "looser_threshold": {"scan": old_threshold, "looser": new_threshold, "share_of_negatives": LOOSER_SHARE},
+        "rescore_models": {name: str(path) for name, path in variants.items()},
+        "profile": profiles, "rounds": rounds,
+    }
+    return derive(entry), problems
+
+
+def derive(entry: dict) -> dict:
+    """The medians, ratios and 450,000-scene projections of ``entry``, from its raw measurements
+    only (``scan.runs``, ``rounds``, ``run``), so ``--rederive`` can recompute them unmeasured."""
+    from amber_hunter.model.classify import load_bundle, resolve_model
+
+    n_scenes, scans, run = entry["scenes"], entry["scan"]["runs"], entry["run"]
+    models = entry.get("rescore_models") or {name: row["model"] for name, row in entry["rescore"].items()}
     scan_s = statistics.median(s["wall_s"] for s in scans)
+    entry["scan"].update({
+        "note": ("one scan only (--scan-rounds 1): the baseline is that scan's time" if len(scans) == 1
+                 else f"median of {len(scans)} scans"),
+        "median_s": scan_s, "s_per_scene": scan_s / n_scenes,
+        "cpu_s_per_scene": statistics.median(s["cpu_s"] for s in scans) / n_scenes,
+        "steady_s_per_scene": statistics.median(s["steady_s_per_scene"] for s in scans)})
     rows = {}
-    for name, results in rounds.items():
+    for name, results in entry["rounds"].items():
         wall = [res["wall_s"] for res in results]
         med = statistics.median(wall)
         per_scene = med / n_scenes
-        growth = statistics.median(res["rss_growth_mb"] for res in results)
         first = results[0]
         rows[name] = {
-            "model": str(variants[name]), "rounds": len(results), "median_s": med, "min_s": min(wall), "max_s": max(wall),
+            "model": models[name], "rounds": len(results), "median_s": med, "min_s": min(wall), "max_s": max(wall),
             "cpu_s": statistics.median(res["cpu_s"] for res in results), "s_per_scene": per_scene,
             "ratio_scan_over_rescore": scan_s / med, "meets_target": scan_s / med >= TARGET_RATIO,
-            "rss_growth_mb": growth,
+            # in this process, after the scan and earlier rounds: freed heap is reused, so a lower bound
+            "rss_growth_mb": statistics.median(res["rss_growth_mb"] for res in results),
             "changed": {"scenes_added": first["added"]["scenes"], "superpixels_added": first["added"]["superpixels"],
                         "scenes_with_new_positives": first["scenes_with_new_positives"],
                         "scenes_removed": first["removed"]["scenes"],
                         "superpixels_removed": first["removed"]["superpixels"]},
-            "projection_450k": {"rescore_s": per_scene * STUDY_SCENES, "rescore_h": per_scene * STUDY_SCENES / 3600,
-                                "rss_growth_gb": growth / n_scenes * STUDY_SCENES / 1024},
+            "projection_450k": {"rescore_s": per_scene * STUDY_SCENES, "rescore_h": per_scene * STUDY_SCENES / 3600},
         }
-    entry = {
-        "model": model, "scenes": n_scenes, "repeat": args.repeat, "loadavg_start": loadavg_start,
-        "loadavg_end": os.getloadavg(),
-        "scan": {"rounds": len(scans), "note": ("one scan only (--scan-rounds 1): the baseline is that scan's time"
-                                                if len(scans) == 1 else f"median of {len(scans)} scans"),
-                 "median_s": scan_s, "s_per_scene": scan_s / n_scenes,
-                 "steady_s_per_scene": statistics.median(s["steady_s_per_scene"] for s in scans),
-                 "flagged_scenes": flagged_ref, "runs": scans},
-        "run": {**stats, "embedding_shards": files, "embeddings_bytes": apparent, "embeddings_bytes_on_disk": allocated,
-                "embeddings_bytes_per_scene": apparent / n_scenes,
-                "embeddings_bytes_per_superpixel": apparent / stats["embeddings"] if stats["embeddings"] else None,
-                "projection_450k": {"embeddings_gb": apparent / n_scenes * STUDY_SCENES / 1e9,
-                                    "embeddings_gb_on_disk": allocated / n_scenes * STUDY_SCENES / 1e9,
-                                    "shards": STUDY_SCENES}},
-        "retrain": retrain_info,
-        "looser_threshold": {"scan": old_threshold, "looser": new_threshold, "share_of_negatives": LOOSER_SHARE},
-        "rescore": rows, "profile": profiles, "rounds": rounds,
-    }
-    return entry, problems
+    for name, row in rows.items():
+        # A scene is segmented again for a new positive's outline, and for the map picture of a scene
+        # that is flagged after the rescore with other positives than before: the profile round (the
+        # same rescore from the same copy) counted the calls.
+        calls = entry.get("profile", {}).get(name, {}).get("parts", {}).get("segment again from stored tiles", {})
+        row["changed"]["scenes_segmented_again"] = calls.get("calls")
+        if name != "same" and calls.get("calls") and "same" in rows:
+            row["s_per_scene_segmented_again"] = (row["median_s"] - rows["same"]["median_s"]) / calls["calls"]
+    entry["rescore"] = rows
+    dim = run.get("dim") or load_bundle(resolve_model(entry["model"])).metadata.dim
+    run["dim"] = dim
+    per_scene_bytes = run["embeddings_bytes"] / n_scenes
+    vectors_per_scene = run["embeddings"] / n_scenes * dim * 4  # float32, as rescore_run holds them
+    run.update({
+        "superpixels_per_scene": run["embeddings"] / n_scenes,
+        "embeddings_bytes_per_scene": per_scene_bytes,
+        "embeddings_bytes_per_superpixel": run["embeddings_bytes"] / run["embeddings"] if run["embeddings"] else None,
+        "vectors_bytes_per_scene_in_memory": vectors_per_scene,
+        "projection_450k": {
+            "embeddings_gb": per_scene_bytes * STUDY_SCENES / 1e9,
+            "embeddings_gb_on_disk": run["embeddings_bytes_on_disk"] / n_scenes * STUDY_SCENES / 1e9,
+            "shards": STUDY_SCENES,
+            "vectors_in_memory_gb": vectors_per_scene * STUDY_SCENES / 1e9,
+            "memory_note": "rescore_run reads every stored embedding at once (one pyarrow Table, then a float32 "
+                           "numpy copy), so its peak holds about twice vectors_in_memory_gb",
+        }})
+    return entry
 
 
 def print_entry(entry: dict) -> None:
@@ -500,12 +544,13 @@ def print_entry(entry: dict) -> None:
         print(f"| {name} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['s_per_scene'] * 1000:.1f} ms | "
               f"{r['ratio_scan_over_rescore']:.0f}x | {r['rss_growth_mb']:.0f} | scenes +{c['scenes_added']} "
               f"-{c['scenes_removed']}, superpixels +{c['superpixels_added']} -{c['superpixels_removed']} "
-              f"({c['scenes_with_new_positives']} scenes segmented again) | {r['projection_450k']['rescore_h']:.2f} h |")
+              f"({c['scenes_segmented_again']} scenes segmented again) | {r['projection_450k']['rescore_h']:.2f} h |")
     t = entry["retrain"]
     print(f"retrain after one report: {t['retrain_s']:.1f} s (import {t['import_s']:.1f} s), diff {t['diff']}, "
           f"reported scene flagged after: {t['reported_scene_flagged_after']}")
     p = run["projection_450k"]
-    print(f"embeddings at 450,000 scenes: {p['embeddings_gb']:.1f} GB ({p['shards']} shards)")
+    print(f"at 450,000 scenes: embeddings {p['embeddings_gb']:.1f} GB on disk ({p['shards']} shards), "
+          f"{p['vectors_in_memory_gb']:.1f} GB as float32 in memory (rescore_run holds them all, about twice that)")
 
 
 def parse_args(argv=None):
@@ -517,9 +562,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help="results JSON, merged by model")
     parser.add_argument("--workdir", type=Path, help="region, runs and profiles here, kept (default: a temporary folder)")
     parser.add_argument("--data", type=Path, help="texty-amber dataset folder (default: searched)")
+    parser.add_argument("--rederive", action="store_true",
+                        help="measure nothing: recompute the medians and projections of every model in --out "
+                             "(and the profiles, from the .prof files in --workdir if given)")
     parser.add_argument("--cache-dir", type=Path,
                         help="embedding cache for the retrain's training crops (default: the user's, as the CLI)")
     args = parser.parse_args(argv)
+    if args.rederive and not args.out:
+        parser.error("--rederive needs --out")
     if args.rounds < MIN_ROUNDS:
         parser.error(f"--rounds must be at least {MIN_ROUNDS}")
     if args.repeat < 1:
@@ -531,6 +581,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rederive:
+        return rederive(args.out, args.workdir, argv)
     work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="amber-bench-rescore-"))
     (work / "runs").mkdir(parents=True, exist_ok=True)
     builder = _load("build_demo_region", REPO / "training" / "build_demo_region.py")
@@ -553,6 +605,25 @@ def main(argv=None) -> int:
     for problem in problems:
         print(f"WRONG RESULT: {problem}")
     return 2 if problems else 0
+
+
+def rederive(out: Path, workdir: Path | None, argv) -> int:
+    """Recompute the derived figures of every model in ``out`` from its raw measurements (and its
+    profiles from their ``.prof`` files, when ``workdir`` still holds them)."""
+    from amber_hunter import atomic
+
+    data = json.loads(out.read_text())
+    for entry in data["models"].values():
+        for name in entry["rounds"]:  # the profiles again, if --workdir still holds them
+            prof = workdir / f"{entry['model']}-{name}.prof" if workdir else None
+            if prof is not None and prof.is_file():
+                entry.setdefault("profile", {})[name] = profile_breakdown(prof)
+        derive(entry)
+        entry["rederived"] = {"command": [Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)),
+                              "when": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        print_entry(entry)
+    atomic.write_json(out, data)
+    return 0
 
 
 def write(out: Path, entry: dict, argv) -> None:
