@@ -215,3 +215,25 @@ def test_review_marks_key_survives_a_retrain(folder_run, tiny_model, tmp_path):
     rescore_run(run, save_bundle(dataclasses.replace(bundle, metadata=dataclasses.replace(bundle.metadata, threshold=0.3)),
                                  tmp_path / "m"))
     assert key() == before and before.startswith("run:")
+
+
+def test_an_export_that_fails_half_way_leaves_the_published_map_and_its_files(folder_run, tmp_path, monkeypatch):
+    from amber_hunter.export import map as map_module
+
+    out = tmp_path / "out"
+    export(folder_run, out, basemap="none")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "summary.json"}
+    assert any(str(p).startswith("map_files/") for p in before)
+
+    def broken(data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(map_module, "render", broken)
+    with pytest.raises(OSError):
+        export(folder_run, out, basemap="none")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
+             if p.is_file() and p.name != "summary.json" and not str(p.relative_to(out)).startswith("map_files.tmp")}
+    assert after == before
+    monkeypatch.undo()
+    export(folder_run, out, basemap="none")  # and the next export goes through, leaving no tmp folder
+    assert not (out / "map_files.tmp").exists() and (out / "map_files").is_dir()

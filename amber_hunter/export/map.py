@@ -119,15 +119,18 @@ class MapFiles:
     its outlines (flagged scenes). Used as the ``on_scene`` hook of
     :func:`~amber_hunter.export.detections.collect`, so each scene's pixels are read once.
 
-    The folder is made anew on every export and its files are plain writes, not fsynced atomic
+    The folder is built anew beside the old one (``map_files.tmp``) and swapped in by
+    :meth:`publish` just before ``map.html`` is written, so an export that fails half-way leaves
+    the published page and its files as they were. Its files are plain writes, not fsynced atomic
     ones: they are regenerated whole by the next export, and an fsync per file made a
     10,000-scene export spend a minute waiting on the disk. ``map.html`` itself is atomic.
     """
 
     def __init__(self, out_dir: Path):
-        self.root = out_dir / FILES_DIR
+        self.final = out_dir / FILES_DIR
+        self.root = out_dir / f"{FILES_DIR}.tmp"
         if self.root.exists():
-            shutil.rmtree(self.root)  # an earlier export's files: the page must not show stale ones
+            shutil.rmtree(self.root)  # left by an export that failed
         for sub in ("imagery", "pictures", "scenes"):
             (self.root / sub).mkdir(parents=True)
         self.imagery: dict[str, bool] = {}
@@ -140,6 +143,17 @@ class MapFiles:
             pic = picture(image, masks)
             (self.root / "pictures" / f"{_stem(scene_id)}.png").write_bytes(encode_png(pic))
             self.pictures[scene_id] = (pic.shape[1], pic.shape[0])
+
+    def publish(self) -> None:
+        """Swap the new folder in for the old one (the old one goes once the new one is in place)."""
+        old = self.final.with_name(f"{FILES_DIR}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if self.final.exists():
+            self.final.rename(old)
+        self.root.rename(self.final)
+        self.root = self.final
+        shutil.rmtree(old, ignore_errors=True)
 
     def finish(self, run: RunDetections, store) -> None:
         """Outlines of every flagged scene, and the scan's overlay where no picture was made."""
@@ -236,4 +250,6 @@ def write_map(run: RunDetections, summary: ExportSummary, files: MapFiles, path:
         imagery_bounds = {i: scene_bounds_list(cell_from_id(i).bounds) for i in files.imagery}
     data = page_data(run, summary, files, _basemap_data(basemap, run.config.zoom, subdomains, basemap_key_env),
                      imagery_bounds, _changes(store))
-    atomic.write_bytes(path, render(data).encode("utf-8"))
+    page = render(data).encode("utf-8")
+    files.publish()
+    atomic.write_bytes(path, page)
