@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, ModelBundleError, RunStoreError, SceneUnavailableError
+from ..errors import ConfigError, RunStoreError, SceneUnavailableError
 from ..learn.labels import CropKey, LabelStore, SuperpixelKey
+from ..run.rescore import stored_vectors
 from ..run.resegment import Resegmented, resegment
 from .projection import ArrayCache, cache_key, cached_projection, classifier_view
 
@@ -480,32 +481,19 @@ def load_run_points(
             raise RunStoreError(f"{run_dir} has no finished scene yet; run 'amber-hunter scan --run {run_dir}' first")
         if not store.embeddings_dir.is_dir() or not any(store.embeddings_dir.glob("*.parquet")):
             raise RunStoreError(f"{run_dir} has no stored embeddings; rerun 'amber-hunter scan --run {run_dir} --force'")
-        table = store.embeddings()
         config = store.config
         run_model = config.model
         bundle = _load_bundle(model if model is not None else run_model)
-        embedders = set(table.column("embedder").to_pylist())
-        if embedders != {bundle.metadata.embedder}:
-            raise ModelBundleError(
-                f"the run's embeddings come from {', '.join(sorted(map(str, embedders)))} but the model uses "
-                f"{bundle.metadata.embedder}; give a --model trained on {', '.join(sorted(map(str, embedders)))}")
-        scene_ids = table.column("scene_id").to_pylist()
-        seg_labels = table.column("label").to_pylist()
-        vectors = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                             np.float32).reshape(len(scene_ids), -1)
-        if vectors.shape[1] != bundle.metadata.dim:
-            raise ModelBundleError(f"the run's embeddings have {vectors.shape[1]} dimensions, the model "
-                                   f"{bundle.metadata.dim}; give the model the run was scanned with")
+        index, all_vectors = stored_vectors(store, bundle)  # checks the embedder and the width
         flagged_scene = {s.scene_id: s.flagged for s in done}
         stored = {}
         for s in done:
             for r in store.regions(s.scene_id):
                 stored[(s.scene_id, r.label)] = r
-        keep = [i for i, key in enumerate(zip(scene_ids, seg_labels)) if key[0] in flagged_scene and key in stored]
-        order = sorted(keep, key=lambda i: (scene_ids[i], seg_labels[i]))
-        scene_ids = [scene_ids[i] for i in order]
-        seg_labels = [int(seg_labels[i]) for i in order]
-        vectors = vectors[order]
+        keys = sorted(k for k in index if k[0] in flagged_scene and k in stored)
+        scene_ids = [s for s, _ in keys]
+        seg_labels = [int(g) for _, g in keys]
+        vectors = all_vectors[[index[k] for k in keys]].reshape(len(keys), -1)
         rescored = model is not None
         if rescored:
             probability = bundle.predict_proba(vectors)

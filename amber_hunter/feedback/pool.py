@@ -62,12 +62,12 @@ def folder_pool(folder: str | Path, bundle: ModelBundle, labels: LabelStore | No
 
 def run_pool(run_dir: str | Path, bundle: ModelBundle, labels: LabelStore | None) -> Pool:
     """The scored superpixels of a run, from its stored embeddings."""
-    from ..run.rescore import _stored_vectors
+    from ..run.rescore import stored_vectors
     from ..run.store import RunStore
 
     run_dir = Path(run_dir).resolve()
     with RunStore(run_dir) as store:
-        index, vectors = _stored_vectors(store, bundle)
+        index, vectors = stored_vectors(store, bundle)
     labelled = set() if labels is None else {
         (r.scene_id, r.segment) for r in labels.latest("superpixel").values() if r.run == str(run_dir)}
     keys = sorted(k for k in index if k not in labelled)

@@ -34,7 +34,7 @@ from ..learn.labels import LabelStore
 from ..model.classify import ModelBundle, fit_with_threshold, load_bundle, save_bundle
 from ..model.embed import cnn_blocks
 from ..run.config import model_hash
-from ..run.rescore import RescoreDiff, _stored_vectors, ensure_first_version, rescore_run
+from ..run.rescore import RescoreDiff, ensure_first_version, rescore_run, stored_vectors
 from ..run.store import ModelVersion, RunStore
 
 #: Fewer examples of a class than this, and a grouped threshold cannot be chosen honestly.
@@ -110,7 +110,7 @@ def retrain(run_dir: str | Path, *, data=None, labels: LabelStore | None = None,
         parent_version = ensure_first_version(store)
         parent = load_bundle(parent_version.path)
         feedback = store.feedback()
-        index, vectors = _stored_vectors(store, parent)
+        index, vectors = stored_vectors(store, parent)
         n, folder = store.next_version_dir()
     dataset, sources = _training_set(parent, data)
     embedder = parent.build_embedder()

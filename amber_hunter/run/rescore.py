@@ -75,7 +75,7 @@ def _check_compatible(store: RunStore, bundle: ModelBundle, table) -> None:
             f"with 'amber-hunter scan --run {store.run_dir} --model M --force'")
 
 
-def _stored_vectors(store: RunStore, bundle: ModelBundle) -> tuple[dict[tuple[str, int], int], np.ndarray]:
+def stored_vectors(store: RunStore, bundle: ModelBundle) -> tuple[dict[tuple[str, int], int], np.ndarray]:
     """Row index of every stored embedding by (scene, label), and the vectors, checked."""
     table = store.embeddings()
     _check_compatible(store, bundle, table)
@@ -145,7 +145,7 @@ def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None 
     with RunStore(run_dir) as store:
         path = resolve_model(model) if version is None else version.path
         bundle = load_bundle(path)
-        index, vectors = _stored_vectors(store, bundle)
+        index, vectors = stored_vectors(store, bundle)
         before = ensure_first_version(store)
         probs_all = bundle.predict_proba(vectors) if len(vectors) else np.zeros(0, np.float32)
         threshold, min_positive = bundle.metadata.threshold, store.config.min_positive
