@@ -91,3 +91,9 @@ class SceneUnavailableError(AmberHunterError):
 class FeedbackError(AmberHunterError):
     """A feedback file that cannot be read, or a retrain that cannot be done honestly (too few
     examples of a class, training data not on this machine)."""
+
+
+class ClusterError(RunAbortError):
+    """A dask cluster that cannot run the scan: a scheduler that does not answer, or a worker that
+    cannot open the run's tile source or load its model. Every scene would fail the same way, so
+    the run stops (and resumes with the same command once the cluster is fixed)."""

@@ -6,6 +6,7 @@ built once per session.
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import asdict
 from pathlib import Path
 
 import mercantile
@@ -104,13 +105,16 @@ def tiny_model(small_data, shared_cache, tmp_path_factory) -> Path:
     from amber_hunter.learn.dataset import load_dataset
     from amber_hunter.model.classify import Classifier, ModelBundle, ModelMetadata, fit_booster, save_bundle
     from amber_hunter.model.embed import get_embedder
+    from amber_hunter.model.segment import SlicParams
 
     dataset = load_dataset([small_data])
     embedder = get_embedder("texture")
     features, _ = embed_files(dataset.paths, embedder, shared_cache)
     booster = fit_booster(features, dataset.labels, params={"n_estimators": 30})
+    # Full-size SLIC: the scan, feedback and export tests were written against its superpixels
+    # (test_slic_scale.py covers scaled SLIC through a scan).
     metadata = ModelMetadata(embedder="texture", embedder_version=embedder.version, embedder_params={},
-                             dim=embedder.dim, threshold=0.5, target_precision=0.95)
+                             dim=embedder.dim, threshold=0.5, target_precision=0.95, slic=asdict(SlicParams(scale=1)))
     return save_bundle(ModelBundle(metadata, Classifier(booster, [], embedder.dim)), tmp_path_factory.mktemp("tiny") / "model")
 
 

@@ -94,7 +94,7 @@ def test_model_json_contents(texture_model, small_data):
     assert meta["cnn_blocks"] == [] and meta["random_weights"] is False
     assert meta["format"] == BUNDLE_FORMAT and meta["package_version"] == __version__
     assert meta["created"].startswith("20") and meta["created"].endswith("+00:00")
-    assert meta["slic"] == {"n_segments": 30, "compactness": 35.0, "sigma": 1.0}
+    assert meta["slic"] == {"n_segments": 30, "compactness": 35.0, "sigma": 1.0, "scale": 2}  # SLIC_SCALE
     training = meta["training"]
     assert {"n_samples", "n_positive", "n_negative", "n_scenes", "data_hash", "sources", "labels_csv", "seed"} <= set(
         training

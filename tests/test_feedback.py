@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kill9 import kill_when_printed
 from tile_servers import tile_server
 
 from amber_hunter.errors import FeedbackError
@@ -200,11 +201,6 @@ with LabelStore(sys.argv[3]) as labels:
 
 
 def test_a_retrain_killed_with_minus_9_leaves_the_run_on_its_previous_model(run, region, small_data, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from scan_fixtures import results
 
@@ -213,18 +209,8 @@ def test_a_retrain_killed_with_minus_9_leaves_the_run_on_its_previous_model(run,
     with LabelStore(tmp_path / "labels.sqlite") as labels:
         import_feedback(run, report, labels)
     before = results(run)
-    proc = subprocess.Popen([sys.executable, "-c", RETRAIN_KILLED, str(run), str(small_data), str(tmp_path / "labels.sqlite")],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        line, deadline = "", time.monotonic() + 300
-        while "committing" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "the retrain ended before its rescore's transaction"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_printed(RETRAIN_KILLED, [str(run), str(small_data), str(tmp_path / "labels.sqlite")], "committing", 300,
+                      "its rescore's transaction")
     assert (run / "models" / "v2" / "model.json").is_file()  # written before the transaction, never committed
     assert results(run) == before
     with RunStore(run) as store:

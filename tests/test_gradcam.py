@@ -102,9 +102,14 @@ def test_importing_gradcam_does_not_import_tensorflow():
 
 @pytest.fixture(scope="module")
 def default_model():
-    """The bundled default model and its built embedder (both CNNs loaded once for the module)."""
+    """The bundled default model and its built embedder (both CNNs loaded once for the module), in
+    fp32: Grad-CAM reads the fp32 network, and its cells are compared with the embed path's scores,
+    which on a CPU with native bf16 would otherwise be computed in bf16."""
+    from amber_hunter.model.embed import ConcatEmbedder
+
     bundle = load_bundle(bundled_model_path("default"))
-    return bundle, bundle.build_embedder()
+    parts = [p.with_precision("fp32") if p.kind == "cnn" else p for p in bundle.build_embedder().parts]
+    return bundle, ConcatEmbedder(parts)
 
 
 @pytest.fixture(scope="module")

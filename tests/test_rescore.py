@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from kill9 import kill_when_printed
 from scan_fixtures import results
 
 from amber_hunter.errors import ModelBundleError, RunStoreError
@@ -106,6 +102,19 @@ def test_a_model_with_another_embedder_is_refused(run):
         assert store.model_versions() == []
 
 
+
+def test_a_model_with_other_slic_settings_is_refused(run, tiny_model, tmp_path):
+    """The stored embeddings are of the scan's superpixels: a model that segments otherwise
+    would outline and count superpixels the vectors do not belong to."""
+    bundle = load_bundle(tiny_model)
+    other = dataclasses.replace(bundle, metadata=dataclasses.replace(bundle.metadata, slic={**bundle.metadata.slic, "scale": 3}))
+    with pytest.raises(ModelBundleError, match=r"^the model segments with SlicParams\(.*scale=3\) but the run was "
+                                                r"scanned with SlicParams\(.*scale=1\).*or rescan with this model$"):
+        rescore_run(run, save_bundle(other, tmp_path / "other"))
+    with RunStore(run) as store:  # version 1 (the scan's model) is registered; nothing was rescored
+        assert [v.version for v in store.model_versions()] == [1]
+
+
 KILLED = """
 import sys, time
 from amber_hunter.run import store as s
@@ -124,19 +133,7 @@ rescore_run(sys.argv[1], sys.argv[2])
 def test_a_rescore_killed_before_its_commit_leaves_the_run_as_it_was(run, tiny_model, tmp_path):
     before = results(run)
     strict = _with_threshold(tiny_model, 0.9999, tmp_path / "strict")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(run), str(strict)], stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while "committing" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "the rescore ended before it reached its transaction"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert "committing" in line
+    kill_when_printed(KILLED, [str(run), str(strict)], "committing", 120, "its transaction")
     assert results(run) == before
     with RunStore(run) as store:
         assert [(v.version, v.current) for v in store.model_versions()] == [(1, True)]
@@ -164,3 +161,27 @@ def test_the_original_scan_command_resumes_with_the_retrained_model(run, region,
     with RunStore(run) as store:
         assert store.config.model == str(run / "models" / "v2")
         assert {s.model for s in store.scenes() if s.status == "done"} == {store.current_version().model_hash}
+
+
+def test_rescoring_streams_the_shards_batch_by_batch(run, tiny_model, monkeypatch):
+    """The vectors are never read all at once: in batches of 16 rows the rescore decides exactly
+    as the scan did, without the whole-table read."""
+    from amber_hunter.run import store as store_module
+
+    before = results(run)
+    monkeypatch.setattr(store_module, "BATCH_BYTES", 1)  # the smallest batch: 16 rows
+    monkeypatch.setattr(RunStore, "embeddings", lambda self: pytest.fail("rescore read every embedding at once"))
+    seen = []
+    original = RunStore.embedding_batches
+
+    def counted(self, batch_rows=None):
+        for batch in original(self, batch_rows):
+            seen.append(len(batch.labels))
+            yield batch
+
+    monkeypatch.setattr(RunStore, "embedding_batches", counted)
+    diff = rescore_run(run, tiny_model)
+    assert diff.added.superpixels == diff.removed.superpixels == []
+    assert len(seen) > 1 and max(seen) <= 16 and sum(seen) == len(before[1])
+    monkeypatch.undo()
+    assert _same(results(run), before)

@@ -27,7 +27,7 @@ import pytest
 from scan_fixtures import LAYOUT, results
 from tile_servers import Fault, tile_server
 
-from amber_hunter.run.scan import scan
+from amber_hunter.run.scan import fetch_threads, scan
 from amber_hunter.run.store import RunStore
 
 CLI = "from amber_hunter.cli import main; main()"
@@ -143,17 +143,17 @@ def test_a_bug_in_detection_fails_only_its_scene(region, tiny_model, folder_run,
     """Not every error is foreseen: an unexpected exception is recorded with its type."""
     from amber_hunter.model.detect import Detector
 
-    original = Detector.run
+    original = Detector.prepare
     victim = next(s for s, n in region.ids.items() if n == "negative1")
     calls = []
 
-    def run(self, image, m_per_px=None, valid=None):
+    def prepare(self, image, m_per_px=None, valid=None):
         calls.append(1)
         if len(calls) == 2:  # negative1 is the second scene with imagery, in grid order
             raise ValueError("an odd scene")
         return original(self, image, m_per_px, valid)
 
-    monkeypatch.setattr(Detector, "run", run)
+    monkeypatch.setattr(Detector, "prepare", prepare)
     scan(region.config(region.folder, tiny_model), tmp_path / "run")
     outcome, errors = _outcome(tmp_path / "run")
     expected = _reference(folder_run)
@@ -170,12 +170,14 @@ def _cli(*args, **kwargs) -> subprocess.CompletedProcess:
 def test_a_refused_api_key_stops_the_run_with_one_line(region, tiny_model, tmp_path):
     with tile_server(region.folder, fault=Fault("status", status=401, failures=None)) as server:
         result = _cli("scan", "--aoi", region.aoi, "--tiles", server.url + "/{z}/{x}/{y}.png", "--zoom", "18",
-                      "--scene-tiles", "2", "--model", str(tiny_model), "--run", str(tmp_path / "run"))
+                      "--scene-tiles", "2", "--model", str(tiny_model), "--run", str(tmp_path / "run"), "--workers", "1")
         hits = sum(server.hits.values())
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip() and "scanning" not in line]
     assert len(lines) == 1 and lines[0].startswith("amber-hunter: error: ") and "401" in lines[0], result.stderr
-    assert hits <= 4  # it stopped at once, not after asking for every tile of the region
+    # It stopped at once, not after asking for every tile of the region: at most one request per
+    # fetch thread (fetch_threads(1) == 3) and one more started as the first 401 came back.
+    assert hits <= fetch_threads(1) + 1
     assert not (tmp_path / "run").exists()  # refused before its first scene: no run left to resume or refuse
 
 

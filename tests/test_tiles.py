@@ -16,6 +16,8 @@ from amber_hunter.geo.tiles import (
     Area,
     Bounds,
     SceneCell,
+    _crosses_interior,
+    contains,
     flip_y,
     ground_resolution,
     parse_area,
@@ -95,7 +97,7 @@ def test_bad_quadkey():
 def test_bbox_cover_contains_every_point_and_only_touching_tiles(data):
     zoom = data.draw(st.integers(0, 12))
     w, s, e, n = data.draw(small_bboxes(zoom))
-    cover = tiles_covering((w, s, e, n), zoom)
+    cover = list(tiles_covering((w, s, e, n), zoom))
     assert cover and len(set(cover)) == len(cover)
     assert cover == sorted(cover, key=lambda t: (t.y, t.x))
     for _ in range(10):
@@ -148,11 +150,11 @@ def test_polygon_cover_skips_holes_and_notches():
         [hole_se.east + m, hole_nw.north + m],
         [hole_se.east + m, hole_se.south - m],
     ]
-    cover = tiles_covering({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [outer, hole]}}, 4)
+    cover = list(tiles_covering({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [outer, hole]}}, 4))
     assert len(cover) == 12
     assert not {(5, 5), (5, 6), (6, 5), (6, 6)} & {(t.x, t.y) for t in cover}
     # At zoom 6 the square is 16x16 tiles and the hole swallows 8x8 of them.
-    assert len(tiles_covering({"type": "Polygon", "coordinates": [outer, hole]}, 6)) == 16 * 16 - 8 * 8
+    assert len(list(tiles_covering({"type": "Polygon", "coordinates": [outer, hole]}, 6))) == 16 * 16 - 8 * 8
 
 
 def test_outline_along_tile_edges_takes_no_neighbours():
@@ -176,6 +178,92 @@ def test_multipolygon_in_a_feature_collection_is_the_union():
     }
     cover = tiles_covering(fc, 10)
     assert {mercantile.tile(10.0002, 10.0002, 10), mercantile.tile(-19.9998, -29.9998, 10)} == set(cover)
+
+
+def listed_cover(area, zoom):
+    """The cover as it was computed before it was streamed, kept as the oracle: an unordered
+    quadtree descent (or mercantile's column-major bbox tiles) collected and sorted."""
+    area = parse_area(area)
+    if not area.polygons:
+        w, s, e, n = area.bounds.west, area.bounds.south, area.bounds.east, area.bounds.north
+        pad = 2 * mercantile.LL_EPSILON
+        return sorted(mercantile.tiles(w, s, max(e, w + pad), max(n, s + pad), zoom), key=lambda t: (t.y, t.x))
+    edges = [(*a, *b) for polygon in area.polygons for ring in polygon for a, b in zip(ring, ring[1:] + ring[:1])]
+    found, stack = [], [(mercantile.Tile(0, 0, 0), edges)]
+    while stack:
+        tile, candidates = stack.pop()
+        bounds = tile_bounds(tile)
+        crossing = [edge for edge in candidates if _crosses_interior(edge, bounds)]
+        if not crossing:
+            if contains(area.polygons, *bounds.centre):
+                shift = zoom - tile.z
+                found += [mercantile.Tile(x, y, zoom) for y in range(tile.y << shift, (tile.y + 1) << shift)
+                          for x in range(tile.x << shift, (tile.x + 1) << shift)]
+        elif tile.z == zoom:
+            found.append(tile)
+        else:
+            stack.extend((child, crossing) for child in mercantile.children(tile))
+    return sorted(found, key=lambda t: (t.y, t.x))
+
+
+@st.composite
+def star_polygons(draw, zoom):
+    """A star-shaped ring (vertices sorted by angle, so it never crosses itself) a few tiles
+    across at ``zoom``, optionally with a smaller star-shaped hole around the same centre."""
+    span = 360.0 / 2**zoom * 4
+    lon, lat = draw(st.floats(-170.0, 170.0)), draw(st.floats(-75.0, 75.0))
+    count = draw(st.integers(3, 12))
+    angles = sorted(draw(st.lists(st.floats(0, 2 * math.pi, exclude_max=True), min_size=count, max_size=count,
+                                  unique=True)))
+    radii = draw(st.lists(st.floats(0.1, 1.0), min_size=count, max_size=count))
+    def ring(scale):
+        return [[lon + scale * span * r * math.cos(a), lat + scale * span / 2 * r * math.sin(a)]
+                for a, r in zip(angles, radii)]
+    rings = [ring(1.0)] + ([ring(0.05)] if draw(st.booleans()) else [])
+    return {"type": "Polygon", "coordinates": rings}
+
+
+@props
+@given(st.data())
+def test_streamed_cover_equals_the_sorted_list_it_replaces(data):
+    zoom = data.draw(st.integers(0, 12))
+    area = data.draw(st.one_of(small_bboxes(zoom), star_polygons(zoom)))
+    try:
+        expected = listed_cover(area, zoom)
+    except AreaError:  # a star squeezed to a line has no area; both forms refuse it alike
+        with pytest.raises(AreaError):
+            tiles_covering(area, zoom)
+        return
+    cover = tiles_covering(area, zoom)
+    assert not isinstance(cover, list)
+    assert list(cover) == expected
+
+
+@pytest.mark.parametrize("outline", [False, True])
+def test_a_450000_scene_grid_is_streamed_not_held(outline):
+    """~700x650 scenes of 4x4 tiles at zoom 18 (the study's region is 450,000 scenes): a list of
+    them alone takes over 30 MB (8-byte slots plus a SceneCell each); streaming holds a row."""
+    import tracemalloc
+
+    first, last = mercantile.Tile(40000, 30000, 16), mercantile.Tile(40699, 30649, 16)
+    w, n = tile_bounds(first).west, tile_bounds(first).north
+    e, s = tile_bounds(last).east, tile_bounds(last).south
+    if outline:  # the same square as a GeoJSON outline, so the quadtree path is streamed too
+        ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
+        area = {"type": "Polygon", "coordinates": [ring]}
+    else:
+        area = (w, s, e, n)
+    tracemalloc.start()
+    try:
+        count, previous = 0, (-1, -1)
+        for cell in scene_grid(area, 18, 4):
+            assert (cell.y0, cell.x0) > previous
+            previous, count = (cell.y0, cell.x0), count + 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 700 * 650
+    assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MB while streaming {count} scenes"
 
 
 # --- scenes ------------------------------------------------------------------------------------

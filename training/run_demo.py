@@ -38,6 +38,7 @@ from amber_hunter.export.writers import ExportPaths, ExportSummary, check_basema
 from amber_hunter.run.config import RunConfig
 from amber_hunter.run.scan import ScanSummary, scan
 from amber_hunter.run.store import RunStore
+from amber_hunter.run.workers import default_workers
 
 #: Where the tiles sit under the served folder, as a URL template.
 TILE_PATH = "/tiles/{z}/{x}/{y}.png"
@@ -121,7 +122,7 @@ def run_demo(out: Path, model: str | None = None, basemap: str = "osm", data: Pa
     run, export_dir = out / "demo-run", out / "demo-export"
     with serve(region.out) as url:
         config = RunConfig(aoi=str(region.out / "aoi.geojson"), tiles=url + TILE_PATH, zoom=ZOOM,
-                           scene_tiles=SCENE_TILES, model=model)
+                           scene_tiles=SCENE_TILES, model=model, workers=default_workers())
         print(f"demo: scanning {len(region.scenes)} scenes served from {url}", file=sys.stderr)
         scanned = scan(config, run, force=_force_resume(run, config), progress=lambda total: tqdm(
             total=total, unit="scene", desc="scanning", file=sys.stderr, disable=None))

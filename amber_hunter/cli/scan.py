@@ -38,7 +38,13 @@ def _failure_lines(failures: list[tuple[str, int]]) -> list[str]:
               help="Row numbering of a tile folder (default: from its tilemapresource.xml, else xyz).")
 @click.option("--subdomains", default=None, help="Values of {s} in the URL, comma-separated (default a,b,c; Bing: t0,t1,t2,t3).")
 @click.option("--model", default=None, help="Model bundle folder or bundled name (default: the bundled model).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Threads fetching scenes ahead of detection.")
+@click.option("--workers", type=int, default=None,
+              help="Worker processes for decoding, SLIC and texture features (default: all cores); the CNN runs "
+                   "batched across scenes in the main process.")
+@click.option("--cluster", default=None, metavar="ADDRESS",
+              help="Run scenes on a dask.distributed cluster: tcp://HOST:8786 for a running scheduler, or local:N to "
+                   "start N worker processes here. The run directory stays on this machine.")
+@click.option("--allow-random", is_flag=True, help="Accept a model trained on random-weight ResNet50 features (benchmarks).")
 @click.option("--min-positive", type=int, default=2, show_default=True, metavar="N", help=MIN_POSITIVE_HELP)
 @click.option("--min-valid", type=float, default=0.25, show_default=True,
               help="Skip a scene when less than this share of its pixels holds imagery (transparent, missing or blank tiles).")
@@ -46,11 +52,14 @@ def _failure_lines(failures: list[tuple[str, int]]) -> list[str]:
 @click.option("--api-key-env", default=None, help="Environment variable holding the API key for {key} in the URL.")
 @click.option("--date-header", default=None, help="Response header carrying the imagery capture date.")
 @click.option("--tile-cache", type=click.Path(file_okay=False), default=None, help="Tile cache (default: RUN_DIR/tiles-cache).")
+@click.option("--tile-cache-max-gb", type=float, default=None,
+              help="Keep the tile cache under this many GB, pruning the least recently used tiles (default: no limit).")
 @click.option("--force", is_flag=True, help="Resume even though result-deciding settings changed.")
 @click.option("--retry-failed", is_flag=True, help="Also redo the scenes that failed in earlier sessions.")
 @progress_every_option
-def scan(aoi, tiles, run_dir, zoom, scene_tiles, tile_size, scheme, subdomains, model, workers, min_positive, min_valid,
-         max_rps, api_key_env, date_header, tile_cache, force, retry_failed, progress_every):
+def scan(aoi, tiles, run_dir, zoom, scene_tiles, tile_size, scheme, subdomains, model, workers, cluster, allow_random,
+         min_positive, min_valid, max_rps, api_key_env, date_header, tile_cache, tile_cache_max_gb, force, retry_failed,
+         progress_every):
     """Scan an area tile by tile for mining; rerun the same command to resume.
 
     Exits 0 when every scene was analysed (or had no imagery), 1 when some scenes failed (their
@@ -59,10 +68,13 @@ def scan(aoi, tiles, run_dir, zoom, scene_tiles, tile_size, scheme, subdomains, 
     """
     from ..run.config import RunConfig
     from ..run.scan import scan as run_scan
+    from ..run.workers import default_workers
 
     config = RunConfig(aoi=aoi, tiles=tiles, zoom=zoom, scene_tiles=scene_tiles, model=model, min_positive=min_positive,
-                       workers=workers, max_rps=max_rps, api_key_env=api_key_env, date_header=date_header,
-                       tile_cache=tile_cache, tile_size=tile_size, scheme=scheme, subdomains=subdomains, min_valid=min_valid)
+                       workers=default_workers() if workers is None else workers, cluster=cluster,
+                       allow_random=allow_random, max_rps=max_rps, api_key_env=api_key_env, date_header=date_header,
+                       tile_cache=tile_cache, tile_cache_max_gb=tile_cache_max_gb, tile_size=tile_size, scheme=scheme,
+                       subdomains=subdomains, min_valid=min_valid)
     try:
         with Progress("scan", progress_every, "loading the model and opening the tile source") as progress:
             summary = run_scan(config, run_dir, force=force, retry_failed=retry_failed,
@@ -94,7 +106,7 @@ def status(run_dir, as_json):
     import dataclasses
     import json
 
-    from ..run.store import RunStore
+    from ..run.store import STAGES, RunStore
 
     with RunStore(run_dir) as store:
         s = store.status()
@@ -106,6 +118,10 @@ def status(run_dir, as_json):
     rate = f"{s.rate:.2f} scenes/s" if s.rate else "n/a"
     click.echo(f"done {s.done}  failed {s.failed}  no-imagery {s.no_imagery}  skipped {s.skipped}  "
                f"pending {s.pending}  total {s.total}  flagged {s.flagged}  partial {s.partial}  rate {rate}")
+    if s.timed_scenes:
+        n, t = s.timed_scenes, s.stage_seconds
+        click.echo(f"seconds per scene ({n} timed scenes): " + "  ".join(
+            f"{name} {getattr(t, name) / n:.2f}" for name in STAGES))
     if failures:
         click.echo("\n".join(["top failure reasons:", *_failure_lines(failures)]))
 

@@ -479,7 +479,7 @@ def load_run_points(
         done = [s for s in store.scenes() if s.status == "done"]
         if not done:
             raise RunStoreError(f"{run_dir} has no finished scene yet; run 'amber-hunter scan --run {run_dir}' first")
-        if not store.embeddings_dir.is_dir() or not any(store.embeddings_dir.glob("*.parquet")):
+        if not store.embedders():
             raise RunStoreError(f"{run_dir} has no stored embeddings; rerun 'amber-hunter scan --run {run_dir} --force'")
         config = store.config
         run_model = config.model

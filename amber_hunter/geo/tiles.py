@@ -9,6 +9,7 @@ are stitched into one image because the study segmented ~1000 px scenes, not sin
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -289,25 +290,31 @@ def ground_resolution(lat: float, zoom: int, tile_size: int = 256) -> float:
     return _M_PER_PX_Z0 * 256 / tile_size * math.cos(math.radians(lat)) / 2**zoom
 
 
-def tiles_covering(area: Area | str | Sequence[float] | Mapping, zoom: int) -> list[mercantile.Tile]:
+def tiles_covering(area: Area | str | Sequence[float] | Mapping, zoom: int) -> Iterator[mercantile.Tile]:
     """The tiles at ``zoom`` that share some area with the area of interest, row-major (by y, then x).
 
     A tile that merely touches the area along an edge or at a corner is left out, as mercantile
     does for a bbox: an outline drawn along tile or scene edges (a common way to mark an area)
     would otherwise drag in a ring of useless neighbours. Tiles inside holes or between the
     polygons of a MultiPolygon are left out too.
+
+    The tiles are streamed, never held: a 70,000 km² region is millions of tiles, and memory
+    grows with the outline and one row of tiles, not with the area. The arguments are checked
+    here, before the first tile is asked for.
     """
     area = parse_area(area)
     check_zoom(zoom)
     if area.polygons:
-        tiles = _polygon_cover(area.polygons, zoom)
-    else:
-        # mercantile pulls the east and south edges in by LL_EPSILON degrees so that a tile's own
-        # bounds cover just that tile; a bbox thinner than that would get no tiles at all.
-        w, s, e, n = astuple(area.bounds)
-        pad = 2 * mercantile.LL_EPSILON
-        tiles = mercantile.tiles(w, s, max(e, w + pad), max(n, s + pad), zoom)
-    return sorted(tiles, key=lambda t: (t.y, t.x))
+        return _polygon_cover(area.polygons, zoom)
+    # mercantile pulls the east and south edges in by LL_EPSILON degrees so that a tile's own
+    # bounds cover just that tile; a bbox thinner than that would get no tiles at all.
+    w, s, e, n = astuple(area.bounds)
+    e, n = max(e, w + 2 * mercantile.LL_EPSILON), max(n, s + 2 * mercantile.LL_EPSILON)
+    first = mercantile.tile(w, n, zoom)
+    last = mercantile.tile(e - mercantile.LL_EPSILON, s + mercantile.LL_EPSILON, zoom)  # as mercantile.tiles
+    return (
+        mercantile.Tile(x, y, zoom) for y in range(first.y, last.y + 1) for x in range(first.x, last.x + 1)
+    )
 
 
 def scene_grid(
@@ -322,8 +329,7 @@ def scene_grid(
     area = parse_area(area)
     check_scene_tiles(scene_tiles, zoom)
     k = scene_tiles.bit_length() - 1
-    cells = tiles_covering(area, zoom - k)
-    return (SceneCell(zoom, t.x << k, t.y << k, scene_tiles) for t in cells)
+    return (SceneCell(zoom, t.x << k, t.y << k, scene_tiles) for t in tiles_covering(area, zoom - k))
 
 
 def check_zoom(zoom: int, example: str = "e.g. 18 for ~0.5 m/px") -> None:
@@ -352,23 +358,33 @@ def _polygon_cover(polygons: tuple[Polygon, ...], zoom: int) -> Iterator[mercant
     point-in-polygon test at its centre decides; inside, all its descendants at ``zoom`` are in
     the cover without further tests. An edge through a tile's interior has area on its inner side
     right there, so such a tile is in the cover. Work grows with the outline, not the area.
+
+    The tiles come out row-major without being collected: the pending quadtree nodes wait in a
+    heap keyed by the first tile (row, column) at ``zoom`` they can still give. Nodes are
+    disjoint, so the smallest key is the next tile of the cover. A node wholly inside gives one
+    row of its tiles and goes back with its next row. The heap holds the nodes along the current
+    row and the siblings of their ancestors: it grows with the outline, not with the area.
     """
     edges = [(*a, *b) for polygon in polygons for ring in polygon for a, b in _ring_edges(ring)]
-    stack = [(mercantile.Tile(0, 0, 0), edges)]
-    while stack:
-        tile, candidates = stack.pop()
-        bounds = tile_bounds(tile)
-        crossing = [edge for edge in candidates if _crosses_interior(edge, bounds)]
-        if not crossing:
-            if contains(polygons, *bounds.centre):
-                shift = zoom - tile.z
-                for y in range(tile.y << shift, (tile.y + 1) << shift):
-                    for x in range(tile.x << shift, (tile.x + 1) << shift):
-                        yield mercantile.Tile(x, y, zoom)
-        elif tile.z == zoom:
-            yield tile
-        else:
-            stack.extend((child, crossing) for child in mercantile.children(tile))
+    # Keys are unique (the nodes are disjoint), so the heap never compares the nodes themselves.
+    heap: list[tuple[int, int, mercantile.Tile, list[_Segment] | None]] = [(0, 0, mercantile.Tile(0, 0, 0), edges)]
+    while heap:
+        row, col, tile, candidates = heapq.heappop(heap)
+        shift = zoom - tile.z
+        if candidates is not None:  # not yet decided: inside, outside, or crossed by the outline
+            bounds = tile_bounds(tile)
+            crossing = [edge for edge in candidates if _crosses_interior(edge, bounds)]
+            if crossing and shift:
+                for child in mercantile.children(tile):
+                    key = (child.y << (shift - 1), child.x << (shift - 1))
+                    heapq.heappush(heap, (*key, child, crossing))
+                continue
+            if not crossing and not contains(polygons, *bounds.centre):
+                continue
+        # Inside (or a crossed tile at ``zoom``): the node's row ``row`` from column ``col`` on.
+        yield from (mercantile.Tile(x, row, zoom) for x in range(col, (tile.x + 1) << shift))
+        if row + 1 < (tile.y + 1) << shift:
+            heapq.heappush(heap, (row + 1, col, tile, None))
 
 
 def _ring_edges(ring: Ring):

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import atomic
-from ..errors import DatasetError, ModelBundleError
-from .segment import SlicParams
+from ..errors import ConfigError, DatasetError, ModelBundleError
+from .segment import SLIC_SCALE, SlicParams
 
 #: 2: one linear head per CNN block (``cnn_blocks``) instead of one over all CNN columns.
 BUNDLE_FORMAT = 2
@@ -65,7 +65,7 @@ class ModelMetadata:
     threshold: float
     target_precision: float
     cnn_blocks: list = field(default_factory=list)  # column ranges per CNN block, one head each
-    slic: dict = field(default_factory=lambda: asdict(SlicParams()))
+    slic: dict = field(default_factory=lambda: asdict(SlicParams(scale=SLIC_SCALE)))
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     xgb_params: dict = field(default_factory=dict)
@@ -350,7 +350,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
             if metadata.cnn_blocks
             else []
         )
-    except (json.JSONDecodeError, TypeError, AttributeError, KeyError, FileNotFoundError) as exc:
+    except (json.JSONDecodeError, TypeError, AttributeError, KeyError, FileNotFoundError, ConfigError) as exc:
         raise ModelBundleError(f"{path} is corrupt ({type(exc).__name__}: {exc}); retrain the model") from None
     booster = xgb.Booster()
     try:

@@ -7,6 +7,8 @@ or a building roof; pit fields cover several superpixels.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +93,27 @@ class Detection:
     feature_labels: list[int]
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A scene segmented and given its hand-made features: everything before the CNN.
+
+    Detection is split here because the two halves want different homes. SLIC and the texture
+    features are single-threaded numpy, so a region scan runs them in worker processes, one scene
+    per core; the CNN is already multi-threaded and fastest on big batches, so it runs in one
+    place over the crops of several scenes at once (:meth:`Detector.features`).
+    """
+
+    image: np.ndarray
+    m_per_px: float | None
+    segmentation: Segmentation
+    #: The superpixels to score (those whose crop is not mostly nodata), in label order.
+    regions: list[Region]
+    #: Features of the embedder's hand-made parts, by part index.
+    handmade: dict[int, np.ndarray]
+    slic_s: float
+    handmade_s: float
+
+
 class Detector:
     """A loaded model and its embedder, built once and reused for every scene of a run."""
 
@@ -104,32 +127,67 @@ class Detector:
         self.bundle = bundle
         self.min_positive = min_positive
         self.embedder: Embedder = bundle.build_embedder()
+        self._parts: list[Embedder] = list(getattr(self.embedder, "parts", [self.embedder]))
 
     @classmethod
     def load(cls, model: str | Path | None = None, **options) -> Detector:
         """Load ``model`` (a bundle folder or a bundled name); ``None`` is the default model."""
         return cls(load_bundle(resolve_model(model)), **options)
 
-    def run(self, image: np.ndarray, m_per_px: float | None = None, valid: np.ndarray | None = None) -> Detection:
-        """Segment, embed, classify and count one RGB scene.
+    @property
+    def needs_cnn(self) -> bool:
+        """Whether :meth:`features` has CNN work to do (a texture-only model has none)."""
+        return any(p.kind == "cnn" for p in self._parts)
+
+    def prepare(self, image: np.ndarray, m_per_px: float | None = None, valid: np.ndarray | None = None) -> Prepared:
+        """Segment one RGB scene and compute its hand-made features.
 
         ``valid`` marks the pixels that hold imagery (all of them when None): only they are
         segmented, and superpixels whose crop is mostly nodata are left unscored.
         """
+        t0 = time.perf_counter()
         seg = segment(image, self.bundle.slic_params(), valid)
         regions = seg.regions if valid is None else [r for r in seg.regions if nodata_share(r, valid) <= MAX_NODATA]
-        features = self.embedder.embed(image, regions)
+        t1 = time.perf_counter()
+        handmade = {i: p.embed(image, regions) for i, p in enumerate(self._parts) if p.kind != "cnn"}
+        return Prepared(image, m_per_px, seg, regions, handmade, t1 - t0, time.perf_counter() - t1)
+
+    def features(self, scenes: Sequence[Prepared]) -> list[np.ndarray]:
+        """The full embedding of each prepared scene: its CNN parts computed here, joined with the
+        hand-made columns in the embedder's order."""
+        columns = [embed_many(part, [(s.image, s.regions) for s in scenes]) if part.kind == "cnn"
+                   else [s.handmade[i] for s in scenes] for i, part in enumerate(self._parts)]
+        return [np.concatenate([c[k] for c in columns], axis=1).astype(np.float32, copy=False)
+                for k in range(len(scenes))]
+
+    def finish(self, scene: Prepared, features: np.ndarray) -> Detection:
+        """Classify a prepared scene's superpixels from their features and apply the scene rule."""
+        seg = scene.segmentation
         probs = np.full(len(seg.regions), np.nan)
-        if regions:
+        if scene.regions:
             index = {r.label: i for i, r in enumerate(seg.regions)}
-            probs[[index[r.label] for r in regions]] = self.bundle.predict_proba(features)
-        result = aggregate(probs, seg, self.bundle.metadata.threshold, self.min_positive, m_per_px)
-        return Detection(result, seg, features, [r.label for r in regions])
+            probs[[index[r.label] for r in scene.regions]] = self.bundle.predict_proba(features)
+        result = aggregate(probs, seg, self.bundle.metadata.threshold, self.min_positive, scene.m_per_px)
+        return Detection(result, seg, features, [r.label for r in scene.regions])
+
+    def run(self, image: np.ndarray, m_per_px: float | None = None, valid: np.ndarray | None = None) -> Detection:
+        """Segment, embed, classify and count one RGB scene."""
+        scene = self.prepare(image, m_per_px, valid)
+        return self.finish(scene, self.features([scene])[0])
 
     def detect(self, image: np.ndarray, m_per_px: float | None = None) -> tuple[SceneResult, Segmentation]:
         """The verdict and the superpixels, for callers that do not keep embeddings."""
         detection = self.run(image, m_per_px)
         return detection.result, detection.segmentation
+
+
+def embed_many(part: Embedder, scenes: Sequence[tuple[np.ndarray, Sequence[Region]]]) -> list[np.ndarray]:
+    """One CNN part's features for the superpixels of several scenes, as one run of batches where
+    the embedder can (``embed_many``), so the last, part-filled batch is paid once, not per scene."""
+    batched = getattr(part, "embed_many", None)
+    if batched is not None:
+        return batched(scenes)
+    return [part.embed(image, regions) for image, regions in scenes]
 
 
 def overlay(image: np.ndarray, segmentation: Segmentation, result: SceneResult) -> np.ndarray:

@@ -27,6 +27,8 @@ FINGERPRINT_FIELDS = ("area", "zoom", "scene_tiles", "tile_size", "tiles", "sche
 #: scenes of the old grid from the run.
 GRID_FIELDS = ("area", "zoom", "scene_tiles")
 CONFIG_FORMAT = 2
+#: The most worker processes a scan runs on one machine.
+MAX_WORKERS = 64
 #: The files whose bytes make a model bundle what it is.
 BUNDLE_FILES = ("model.json", "xgb.json", "linear.json")
 
@@ -104,10 +106,17 @@ class RunConfig:
     api_key_env: str | None = None
     date_header: str | None = None
     tile_cache: str | None = None
+    #: Size limit of the tile cache in GB: least recently used tiles are pruned beyond it.
+    tile_cache_max_gb: float | None = None
     tile_size: str = "auto"
     scheme: str | None = None
     subdomains: str | None = None
     min_valid: float = MIN_VALID
+    #: Accept a model trained on random-weight ResNet50 features (benchmarks and tests only).
+    allow_random: bool = False
+    #: ``tcp://HOST:PORT`` of a running dask.distributed scheduler, or ``local:N`` for a
+    #: LocalCluster of N worker processes; None scans on this machine.
+    cluster: str | None = None
     model_hash: str | None = None
     area: Area | None = field(default=None, repr=False)
 
@@ -124,19 +133,33 @@ class RunConfig:
         check_scene_tiles(self.scene_tiles, self.zoom, "use e.g. --scene-tiles 4")
         if isinstance(self.min_positive, bool) or not isinstance(self.min_positive, int) or self.min_positive < 0:
             raise ConfigError(f"min_positive={self.min_positive!r} must be a whole number >= 0; use e.g. --min-positive 2")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 64:
-            raise ConfigError(f"workers={self.workers!r} must be a whole number from 1 to 64; use e.g. --workers 2")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers={self.workers!r} must be a whole number from 1 to {MAX_WORKERS}; "
+                              "use e.g. --workers 2")
         if self.max_rps is not None and not (isinstance(self.max_rps, (int, float)) and self.max_rps > 0):
             raise ConfigError(f"max_rps={self.max_rps!r} must be a positive number of requests per second, e.g. --max-rps 8")
         check_tile_size(self.tile_size)
+        if self.tile_cache_max_gb is not None and (isinstance(self.tile_cache_max_gb, bool) or not isinstance(
+                self.tile_cache_max_gb, (int, float)) or not self.tile_cache_max_gb > 0):
+            raise ConfigError(f"tile_cache_max_gb={self.tile_cache_max_gb!r} must be a positive number of GB; "
+                              "use e.g. --tile-cache-max-gb 50")
         if self.scheme not in (None, "xyz", "tms"):
             raise ConfigError(f"scheme={self.scheme!r} must be xyz or tms; use --scheme tms for gdal2tiles folders")
         if isinstance(self.min_valid, bool) or not isinstance(self.min_valid, (int, float)) or not 0 < self.min_valid <= 1:
             raise ConfigError(f"min_valid={self.min_valid!r} must be a share above 0 and at most 1; use e.g. --min-valid 0.25")
+        if self.cluster is not None:
+            from .cluster import local_workers  # here: cluster.py imports this module
+
+            local_workers(self.cluster)
         if self.model_hash is None:
             set_("model_hash", model_hash(self.model))
         if self.api_key_env is not None and not self.api_key_env.isidentifier():
             raise ConfigError(f"api_key_env={self.api_key_env!r} must be an environment variable name, not the key itself")
+
+    @property
+    def tile_cache_max_bytes(self) -> int | None:
+        """``tile_cache_max_gb`` in bytes, as the tile cache takes it."""
+        return None if self.tile_cache_max_gb is None else int(self.tile_cache_max_gb * 2**30)
 
     @property
     def is_http(self) -> bool:

@@ -19,9 +19,11 @@ bundle moves.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,26 +68,61 @@ class RescoreDiff:
                 "scenes_added": self.added.scenes, "scenes_removed": self.removed.scenes}
 
 
-def _check_compatible(store: RunStore, bundle: ModelBundle, table) -> None:
-    embedders = set(table.column("embedder").to_pylist())
-    if embedders != {bundle.metadata.embedder}:
+def _check_compatible(store: RunStore, bundle: ModelBundle) -> None:
+    """Refuse a model whose embedder or width is not that of the run's stored embeddings."""
+    embedders = store.embedders()
+    if embedders and set(embedders) != {bundle.metadata.embedder}:
+        names = ", ".join(sorted(embedders))
         raise ModelBundleError(
-            f"the run's embeddings come from {', '.join(sorted(map(str, embedders)))} but the model uses "
-            f"{bundle.metadata.embedder}; pick a model trained on {', '.join(sorted(map(str, embedders)))}, or rescan "
-            f"with 'amber-hunter scan --run {store.run_dir} --model M --force'")
+            f"the run's embeddings come from {names} but the model uses {bundle.metadata.embedder}; pick a model "
+            f"trained on {names}, or rescan with 'amber-hunter scan --run {store.run_dir} --model M --force'")
+    for dim in embedders.values():
+        if dim != bundle.metadata.dim:
+            raise ModelBundleError(f"the run's embeddings have {dim} dimensions, the model {bundle.metadata.dim}; "
+                                   "pick a model with the run's embedder")
 
 
 def stored_vectors(store: RunStore, bundle: ModelBundle) -> tuple[dict[tuple[str, int], int], np.ndarray]:
-    """Row index of every stored embedding by (scene, label), and the vectors, checked."""
-    table = store.embeddings()
-    _check_compatible(store, bundle, table)
-    vectors = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                         np.float32).reshape(table.num_rows, -1)
-    if vectors.shape[1] != bundle.metadata.dim:
-        raise ModelBundleError(f"the run's embeddings have {vectors.shape[1]} dimensions, the model "
-                               f"{bundle.metadata.dim}; pick a model with the run's embedder")
-    keys = list(zip(table.column("scene_id").to_pylist(), table.column("label").to_pylist()))
-    return {k: i for i, k in enumerate(keys)}, vectors
+    """Row index of every stored embedding by (scene, label), and the vectors (float32), checked.
+    For callers that need them all at once; they are read shard by shard into one array."""
+    _check_compatible(store, bundle)
+    vectors = np.empty((store.embedding_rows(), bundle.metadata.dim), np.float32)
+    index: dict[tuple[str, int], int] = {}
+    n = 0
+    for batch in store.embedding_batches():
+        vectors[n:n + len(batch.labels)] = batch.vectors
+        index.update(((i, g), n + k) for k, (i, g) in enumerate(zip(batch.scene_ids, batch.labels.tolist())))
+        n += len(batch.labels)
+    return index, vectors[:n]
+
+
+class _SceneProbabilities:
+    """Every stored superpixel's new probability, found by scene: the vectors are scored batch by
+    batch as they stream from the shards, and only (scene, label, probability) is kept, 12 bytes
+    a superpixel, so memory does not grow with the embeddings' width."""
+
+    def __init__(self, store: RunStore, bundle: ModelBundle):
+        codes: dict[str, int] = {}
+        scenes, labels, probs = [], [], []
+        for batch in store.embedding_batches():
+            scenes.append(np.fromiter((codes.setdefault(i, len(codes)) for i in batch.scene_ids), np.int32,
+                                      len(batch.scene_ids)))
+            labels.append(batch.labels)
+            probs.append(bundle.predict_proba(batch.vectors))
+        self._codes = codes
+        scene = np.concatenate(scenes) if scenes else np.zeros(0, np.int32)
+        order = np.argsort(scene, kind="stable")
+        self._labels = np.concatenate(labels)[order] if labels else np.zeros(0, np.int32)
+        self._probs = np.concatenate(probs)[order] if probs else np.zeros(0, np.float32)
+        self._starts = np.searchsorted(scene[order], np.arange(len(codes) + 1))
+
+    def of(self, scene_id: str) -> dict[int, float]:
+        """The new probability of each stored superpixel of ``scene_id``, by label."""
+        code = self._codes.get(scene_id)
+        if code is None:
+            return {}
+        rows = slice(self._starts[code], self._starts[code + 1])
+        return dict(zip(self._labels[rows].tolist(), self._probs[rows].tolist()))
 
 
 def ensure_first_version(store: RunStore) -> ModelVersion:
@@ -145,18 +182,23 @@ def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None 
     with RunStore(run_dir) as store:
         path = resolve_model(model) if version is None else version.path
         bundle = load_bundle(path)
-        index, vectors = stored_vectors(store, bundle)
+        _check_compatible(store, bundle)
         before = ensure_first_version(store)
-        probs_all = bundle.predict_proba(vectors) if len(vectors) else np.zeros(0, np.float32)
-        threshold, min_positive = bundle.metadata.threshold, store.config.min_positive
         slic = bundle.slic_params()
+        scanned = load_bundle(before.path).slic_params()
+        if slic != scanned:  # the stored embeddings belong to the scan's superpixels, not this model's
+            raise ModelBundleError(
+                f"the model segments with {slic} but the run was scanned with {scanned}, so the stored embeddings "
+                "are not of its superpixels; pick a model with the run's SLIC settings, or rescan with this model")
+        scored = _SceneProbabilities(store, bundle)
+        threshold, min_positive = bundle.metadata.threshold, store.config.min_positive
         rescored, added, removed, kept = [], DiffSide(), DiffSide(), DiffSide()
         missing = 0
         scenes = [s for s in store.scenes() if s.status == "done"]
         for k, scene in enumerate(scenes):
             regions = store.regions(scene.scene_id)
-            probs = {g.label: float(probs_all[index[(scene.scene_id, g.label)]]) for g in regions
-                     if (scene.scene_id, g.label) in index}
+            stored = scored.of(scene.scene_id)
+            probs = {g.label: stored[g.label] for g in regions if g.label in stored}
             new, flagged, area, max_p = _decide(regions, probs, threshold, min_positive)
             was = {g.label for g in regions if g.positive}
             now = {g.label for g in new if g.positive}
@@ -201,19 +243,32 @@ def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None 
                                    bundle.metadata.training.get("data_hash"), changes or {"what": f"rescored with {path}"},
                                    time.time(), True)
         diff = RescoreDiff(before.version, version.version, added, removed, kept, missing)
-        _write_diff(store, diff)
+        _write_diff(store, diff, {s.scene_id: s.bounds for s in scenes})
         store.apply_rescore(rescored, version, json.dumps(diff.summary()))
     return diff
 
 
-def _write_diff(store: RunStore, diff: RescoreDiff) -> None:
+def _write_diff(store: RunStore, diff: RescoreDiff, bounds: dict[str, Bounds]) -> None:
     """``diff.geojson``: one feature per changed or kept scene and superpixel (outline where the
-    run has one, else its bbox), with ``change`` = added / removed / kept; ``diff.json``: counts."""
-    features = []
-    bounds = {s.scene_id: s.bounds for s in store.scenes()}
+    run has one, else its bbox), with ``change`` = added / removed / kept; ``diff.json``: counts.
+    The features are encoded one by one, so a diff of many flagged scenes holds its bytes only."""
+    out = io.BytesIO()
+    out.write(b'{"type": "FeatureCollection", "features": [\n')
+    for k, feature in enumerate(_diff_features(store, diff, bounds)):
+        out.write(b",\n" * (k > 0) + json.dumps(feature).encode())
+    out.write(b"\n]}\n")
+    try:
+        atomic.write_bytes(store.run_dir / "diff.geojson", out.getbuffer())
+        atomic.write_json(store.run_dir / "diff.json", diff.summary())
+    except OSError as exc:
+        raise RunStoreError(f"cannot write the diff in {store.run_dir} ({exc.strerror or exc}); free some space "
+                            "and rerun") from None
+
+
+def _diff_features(store: RunStore, diff: RescoreDiff, bounds: dict[str, Bounds]) -> Iterator[dict]:
     for change, side in (("added", diff.added), ("removed", diff.removed), ("kept", diff.kept)):
         for scene_id in side.scenes:
-            features.append(_feature(_rectangle(bounds[scene_id]), {"kind": "scene", "scene_id": scene_id, "change": change}))
+            yield _feature(_rectangle(bounds[scene_id]), {"kind": "scene", "scene_id": scene_id, "change": change})
         by_scene: dict[str, list[int]] = {}
         for scene_id, label in side.superpixels:
             by_scene.setdefault(scene_id, []).append(label)
@@ -221,15 +276,9 @@ def _write_diff(store: RunStore, diff: RescoreDiff) -> None:
             stored = {g.label: g for g in store.regions(scene_id)}
             for label in labels:
                 g = stored[label]
-                features.append(_feature(g.polygon or _rectangle(g.bbox), {
+                yield _feature(g.polygon or _rectangle(g.bbox), {
                     "kind": "superpixel", "scene_id": scene_id, "label": label, "change": change,
-                    "area_ha": round(g.area_m2 / 10_000, 4)}))
-    try:
-        atomic.write_json(store.run_dir / "diff.geojson", {"type": "FeatureCollection", "features": features})
-        atomic.write_json(store.run_dir / "diff.json", diff.summary())
-    except OSError as exc:
-        raise RunStoreError(f"cannot write the diff in {store.run_dir} ({exc.strerror or exc}); free some space "
-                            "and rerun") from None
+                    "area_ha": round(g.area_m2 / 10_000, 4)})
 
 
 def _rectangle(b: Bounds) -> dict:

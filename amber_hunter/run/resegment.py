@@ -72,8 +72,10 @@ def resegment(store: RunStore, scene_id: str, slic: SlicParams) -> Resegmented:
     if scene.status != "ok":
         reason = scene.reason or scene.status
         if "not in the run's tile cache" in reason:
-            reason = ("the run's tile cache no longer holds this scene's tiles (pruned?); they are not "
-                      "fetched again: rerun the scan with a tile cache to see it")
+            reason = (f"the run's tile cache {config.tile_cache or store.tile_cache_dir} no longer holds this scene's "
+                      "tiles (pruned by --tile-cache-max-gb?); they are not fetched again silently: fetch them back "
+                      "with 'amber-hunter scan' over the scene's bounds into a new --run with the same --tile-cache, "
+                      "or raise --tile-cache-max-gb")
         raise SceneUnavailableError(f"scene {scene_id}: {reason}")
     seg = segment(scene.image, slic, scene.valid)
     return Resegmented(scene.image, seg.labels, {r.label: r for r in seg.regions})

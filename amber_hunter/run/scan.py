@@ -1,16 +1,18 @@
 """Region scan: every scene of an area through fetch → stitch → detect → store, resumably.
 
-The loop is built for overnight runs on one machine. Scenes are fetched by a small thread pool a
-few scenes ahead of the detector, so downloads overlap with computing, but never more than
-``workers + 1`` scenes are held at once: memory does not grow with the region. Each scene is
-committed as soon as it is done, so a kill loses only the scenes in flight, and a rerun of the
-same command picks up the pending ones. The first Ctrl-C lets the scene in flight finish and
-stops; a second one stops at once.
+The loop is built for overnight runs. Tiles are fetched by a small thread pool a few scenes
+ahead; decoding, SLIC and the hand-made features run in ``--workers`` processes
+(:mod:`.workers`), and the CNN in this process over several scenes at once; or whole scenes run
+on a dask.distributed cluster (:mod:`.cluster`). Every queue is bounded, so memory does not grow
+with the region, and this process is the run store's one writer. Each scene is committed as soon
+as it is done, so a kill loses only the scenes in flight, and a rerun of the same command picks up
+the pending ones. The first Ctrl-C stores the scene in hand and stops; a second one stops at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import signal
@@ -21,17 +23,20 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from ..errors import AmberHunterError, RunAbortError
 from ..geo.tiles import Bounds, SceneCell, scene_grid
 from ..model.segment import Region
+
+if TYPE_CHECKING:  # scikit-image and XGBoost load with the detector, not with this module
+    from ..model.detect import Prepared
 from ..sources import CachedTileSource, TileSource, open_source
 from .config import RunConfig
-from .scenes import TILE_SIZE, Scene, cell_from_id, load_scene, scene_error, zoom_up
-from .store import RegionRecord, RunStatus, RunStore, SceneRecord, current_model_config
+from .scenes import TILE_SIZE, FetchedScene, Scene, assemble_scene, cell_from_id, fetch_scene, scene_error, zoom_up
+from .store import STAGES, RegionRecord, RunStatus, RunStore, SceneRecord, StageTimes, current_model_config
 
 log = logging.getLogger(__name__)
 
@@ -127,34 +132,40 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
     return np.asarray(picture)
 
 
-def analyse(scene: Scene, detector, model: str | None = None) -> SceneRecord:
-    """Detect mining in a loaded scene and gather everything the store keeps about it.
+def unanalysed(scene: Scene, timings: StageTimes | None = None) -> SceneRecord:
+    """The record of a scene that has no image to analyse (no imagery, skipped, failed to load)."""
+    return SceneRecord(scene.scene_id, scene.status, scene.bounds, error=scene.reason, capture_date=scene.capture_date,
+                       valid_fraction=scene.valid_fraction, timings=timings)
 
-    Any error while detecting fails this scene only, with its reason recorded: one odd scene must
-    not stop a night's run. Whole-run failures (:class:`RunAbortError`) still stop it.
+
+def failed(scene: Scene, exc: Exception, timings: StageTimes | None = None) -> SceneRecord:
+    """The record of a scene whose detection raised: its reason is kept, the run goes on."""
+    return SceneRecord(scene.scene_id, "failed", scene.bounds, error=scene_error(exc), capture_date=scene.capture_date,
+                       valid_fraction=scene.valid_fraction, timings=timings)
+
+
+def conclude(scene: Scene, prepared: Prepared, features: np.ndarray, detector, model: str | None,
+             timings: StageTimes) -> SceneRecord:
+    """Classify a prepared scene from its full features and gather everything the store keeps.
+
+    ``timings`` holds the stages before this one; the classifier, the outlines of the positive
+    superpixels and the map picture are timed here as ``classify``.
     """
     from ..model.detect import MAX_NODATA, overlay
 
-    common = {"capture_date": scene.capture_date, "valid_fraction": scene.valid_fraction}
-    if scene.status != "ok":
-        return SceneRecord(scene.scene_id, scene.status, scene.bounds, error=scene.reason, **common)
+    started = time.perf_counter()
     m_per_px = scene.m_per_px
-    try:
-        detection = detector.run(scene.image, m_per_px, scene.valid)
-        result, seg = detection.result, detection.segmentation
-        positive = set(result.positive_labels)  # aggregate's decision, not a second one on rounded values
-        unscored = set(result.unscored_labels)
-        note = f"crop more than {MAX_NODATA:.0%} nodata, not scored"
-        regions = tuple(
-            _region_record(region, p, region.label in positive, scene.cell, m_per_px,
-                           note if region.label in unscored else None)
-            for region, p in zip(seg.regions, result.probabilities)
-        )
-        picture = _thumbnail(overlay(scene.image, seg, result)) if result.flagged else None
-    except RunAbortError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one bad scene never stops a night's run
-        return SceneRecord(scene.scene_id, "failed", scene.bounds, error=scene_error(exc), **common)
+    detection = detector.finish(prepared, features)
+    result, seg = detection.result, detection.segmentation
+    positive = set(result.positive_labels)  # aggregate's decision, not a second one on rounded values
+    unscored = set(result.unscored_labels)
+    note = f"crop more than {MAX_NODATA:.0%} nodata, not scored"
+    regions = tuple(
+        _region_record(region, p, region.label in positive, scene.cell, m_per_px,
+                       note if region.label in unscored else None)
+        for region, p in zip(seg.regions, result.probabilities)
+    )
+    picture = _thumbnail(overlay(scene.image, seg, result)) if result.flagged else None
     return SceneRecord(
         scene.scene_id,
         "done",
@@ -166,29 +177,105 @@ def analyse(scene: Scene, detector, model: str | None = None) -> SceneRecord:
         embedder=detector.embedder.name,
         overlay=picture,
         model=model,
-        **common,
+        capture_date=scene.capture_date,
+        valid_fraction=scene.valid_fraction,
+        timings=dataclasses.replace(timings, classify=time.perf_counter() - started),
     )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A scene after the stages that run one scene per core: either its finished ``record``, or
+    the ``prepared`` scene waiting for the CNN, which runs over several scenes at once."""
+
+    record: SceneRecord | None = None
+    scene: Scene | None = None
+    prepared: Prepared | None = None
+    timings: StageTimes = field(default_factory=StageTimes)
+
+
+def prepare_loaded(scene: Scene, detector, model: str | None, timings: StageTimes) -> Outcome:
+    """SLIC and the hand-made features of a loaded scene; a texture-only model also classifies
+    it here, so its scenes never wait for a CNN batch."""
+    if scene.status != "ok":
+        return Outcome(unanalysed(scene, timings))
+    try:
+        prepared = detector.prepare(scene.image, scene.m_per_px, scene.valid)
+        timings = dataclasses.replace(timings, slic=prepared.slic_s, embed=prepared.handmade_s)
+        if detector.needs_cnn:
+            return Outcome(scene=scene, prepared=prepared, timings=timings)
+        return Outcome(conclude(scene, prepared, detector.features([prepared])[0], detector, model, timings))
+    except RunAbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad scene never stops a night's run
+        return Outcome(failed(scene, exc, timings))
+
+
+def prepare_fetched(fetched: FetchedScene, detector, model: str | None, *, tile_size: str, min_valid: float) -> Outcome:
+    """Decode and stitch a fetched scene, then :func:`prepare_loaded`: the work of a scan's
+    worker processes."""
+    started = time.perf_counter()
+    scene = assemble_scene(fetched, tile_size=tile_size, min_valid=min_valid)
+    return prepare_loaded(scene, detector, model, StageTimes(fetch=fetched.seconds, decode=time.perf_counter() - started))
+
+
+def finish_batch(outcomes: list[Outcome], detector, model: str | None) -> list[SceneRecord]:
+    """The CNN over the superpixels of several prepared scenes at once, then each scene's verdict.
+
+    The CNN's time is shared among the scenes by their number of superpixels. If the batch fails,
+    its scenes are redone one by one, so only the scene at fault is recorded as failed.
+    """
+    started = time.perf_counter()
+    try:
+        features = detector.features([o.prepared for o in outcomes])
+    except RunAbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad scene never stops a night's run
+        if len(outcomes) > 1:
+            return [record for o in outcomes for record in finish_batch([o], detector, model)]
+        return [failed(outcomes[0].scene, exc, outcomes[0].timings)]
+    seconds = time.perf_counter() - started
+    total = sum(len(o.prepared.regions) for o in outcomes) or 1
+    records = []
+    for o, f in zip(outcomes, features):
+        timings = dataclasses.replace(o.timings, embed=o.timings.embed + seconds * len(o.prepared.regions) / total)
+        try:
+            records.append(conclude(o.scene, o.prepared, f, detector, model, timings))
+        except RunAbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad scene never stops a night's run
+            records.append(failed(o.scene, exc, timings))
+    return records
+
+
+def analyse(scene: Scene, detector, model: str | None = None, timings: StageTimes | None = None) -> SceneRecord:
+    """Detect mining in a loaded scene, all in this process, and gather what the store keeps.
+
+    Any error while detecting fails this scene only, with its reason recorded: one odd scene must
+    not stop a night's run. Whole-run failures (:class:`RunAbortError`) still stop it.
+    """
+    outcome = prepare_loaded(scene, detector, model, timings or StageTimes())
+    return outcome.record or finish_batch([outcome], detector, model)[0]
 
 
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def prefetch(cells: Iterable[SceneCell], source: TileSource, workers: int, **options) -> Iterator[Scene]:
-    """Load scenes in a pool of ``workers`` threads, yielding them in order.
+def prefetch(cells: Iterable[SceneCell], source: TileSource, threads: int, tile_size: str) -> Iterator[FetchedScene]:
+    """Fetch the tiles of scenes in a pool of ``threads`` threads, yielding them in order.
 
-    At most ``workers`` scenes are being fetched or waiting while the caller works on the one it
-    was given, so memory is bounded by ``workers + 1`` scenes whatever the number of cells.
-    ``options`` go to :func:`load_scene`. When the caller stops early (a second Ctrl-C, a
-    whole-run error), the source is cancelled, so threads asleep in a retry back-off wake up at
-    once, and the pool is left without waiting for them.
+    At most ``threads`` scenes are being fetched or waiting while the caller works on the one it
+    was given, so memory is bounded whatever the number of cells. When the caller stops early (a
+    second Ctrl-C, a whole-run error), the source is cancelled, so threads asleep in a retry
+    back-off wake up at once, and the pool is left without waiting for them.
     """
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="amber-fetch")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="amber-fetch")
     window: deque = deque()
     finished = False
     try:
         for cell in cells:
-            window.append(pool.submit(load_scene, cell, source, **options))
-            if len(window) > workers:
+            window.append(pool.submit(fetch_scene, cell, source, tile_size=tile_size))
+            if len(window) > threads:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
@@ -197,6 +284,22 @@ def prefetch(cells: Iterable[SceneCell], source: TileSource, workers: int, **opt
         if not finished:
             source.cancel()
         pool.shutdown(wait=finished, cancel_futures=True)
+
+
+def in_batches(outcomes: Iterable[Outcome], detector, model: str | None, scenes: int) -> Iterator[SceneRecord]:
+    """Records from outcomes: finished ones as they come, prepared ones through the CNN ``scenes``
+    at a time (:func:`finish_batch`)."""
+    waiting: list[Outcome] = []
+    for outcome in outcomes:
+        if outcome.record is not None:
+            yield outcome.record
+            continue
+        waiting.append(outcome)
+        if len(waiting) >= scenes:
+            yield from finish_batch(waiting, detector, model)
+            waiting = []
+    if waiting:
+        yield from finish_batch(waiting, detector, model)
 
 
 def open_tiles(config: RunConfig) -> TileSource:
@@ -214,7 +317,64 @@ def open_tiles(config: RunConfig) -> TileSource:
 
 def cached(source: TileSource, config: RunConfig, store: RunStore) -> TileSource:
     """HTTP sources go through the on-disk tile cache (by default inside the run directory)."""
-    return CachedTileSource(source, config.tile_cache or store.tile_cache_dir) if config.is_http else source
+    if not config.is_http:
+        return source
+    return CachedTileSource(source, config.tile_cache or store.tile_cache_dir, max_bytes=config.tile_cache_max_bytes)
+
+
+#: Prepared scenes that go through the CNN together: enough crops (~30 a scene) for full batches.
+CNN_SCENES = 4
+
+
+def fetch_threads(workers: int) -> int:
+    """Threads fetching tiles: waiting on the network costs no core, so a few more than workers."""
+    return workers + 2
+
+
+@contextlib.contextmanager
+def scene_records(config: RunConfig, store: RunStore, source: TileSource, detector) -> Iterator[Iterator[SceneRecord]]:
+    """The records of the run's pending scenes, from where the config says to compute them.
+
+    - ``workers == 1``: everything in this process.
+    - ``workers > 1``: tiles fetched in threads here; decoding, SLIC and the hand-made features in
+      worker processes (:class:`~.workers.ScenePool`); the CNN here, over several scenes at once.
+    - ``cluster``: whole scenes on a dask.distributed cluster (:mod:`.cluster`); this process
+      only writes the store.
+
+    Whatever the source, records come back one per scene, and this process is the one writer.
+    Leaving the context stops the fetch threads and worker processes at once.
+    """
+    ids = store.pending()
+    if config.cluster:
+        from .cluster import cluster_records, open_cluster
+
+        with open_cluster(config.cluster) as client:
+            records = cluster_records(client, ids, config, tile_cache=config.tile_cache or store.tile_cache_dir)
+            with contextlib.closing(records):
+                yield records
+        return
+    fetched = prefetch((cell_from_id(i) for i in ids), source, fetch_threads(config.workers), config.tile_size)
+    with contextlib.closing(fetched), contextlib.ExitStack() as stack:
+        if config.workers == 1:
+            outcomes = (prepare_fetched(f, detector, config.model_hash, tile_size=config.tile_size,
+                                        min_valid=config.min_valid) for f in fetched)
+        else:
+            from .workers import ScenePool
+
+            outcomes = stack.enter_context(ScenePool(config)).outcomes(fetched, window=2 * config.workers + CNN_SCENES)
+        records = in_batches(outcomes, detector, config.model_hash, CNN_SCENES)
+        with contextlib.closing(records):
+            yield records
+
+
+def log_stage_times(status: RunStatus) -> None:
+    """Where the run's time went, per stage, summed over its scenes (CPU-parallel stages can add up
+    to more than the wall time)."""
+    if not status.timed_scenes:
+        return
+    t = status.stage_seconds
+    parts = ", ".join(f"{name} {getattr(t, name) / status.timed_scenes:.2f}" for name in STAGES)
+    log.info("seconds per scene over %d scenes: %s", status.timed_scenes, parts)
 
 
 @contextlib.contextmanager
@@ -285,7 +445,14 @@ def scan(
     # Checked before any scene is fetched, and before the run directory exists: a typo must fail
     # now, leaving nothing behind, not after a night of failed scenes.
     config = current_model_config(run_dir, config)
-    detector = Detector.load(config.model, min_positive=config.min_positive)
+    if config.cluster:  # the workers load the model and check it against the run's; not this process
+        detector = None
+    else:
+        detector = Detector.load(config.model, min_positive=config.min_positive, allow_random=config.allow_random)
+        if config.workers > 1:
+            from .workers import check_memory
+
+            check_memory(config.workers)
     created = not Path(run_dir).exists()
     try:
         with open_tiles(config) as raw, RunStore(run_dir, config, force=force) as store, \
@@ -300,12 +467,9 @@ def scan(
             log.info("scan %s: %d scenes pending, tiles from %s, model %s", store.run_dir, total, source.describe(),
                      config.model or "default")
             bar = progress(total) if progress else None
-            cells = (cell_from_id(i) for i in store.pending())
-            scenes = prefetch(cells, source, config.workers, tile_size=config.tile_size, min_valid=config.min_valid)
             try:
-                with contextlib.closing(scenes):  # closed at once on any exit: fetch threads are cancelled
-                    for scene in scenes:
-                        record = analyse(scene, detector, config.model_hash)
+                with scene_records(config, store, source, detector) as records:
+                    for record in records:
                         store.record(record)
                         processed += 1
                         if record.status != "done":
@@ -326,6 +490,7 @@ def scan(
                 if bar:
                     bar.close()
             status = store.status()
+            log_stage_times(status)
             failures = store.failure_reasons()
             store.note("stop", f"{'interrupted' if interrupted else 'finished'} after {processed} scenes")
             log.info("%s after %d scenes: %d done, %d failed, %d pending, %d flagged",

@@ -14,6 +14,7 @@ the imagery is analysed for what it shows, and black filler never turns into sup
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,27 +124,56 @@ def _to_scale(rgb: np.ndarray, valid: np.ndarray, native: int, tile_size: str, n
     return np.rint(blocks).astype(np.uint8), valid.reshape(native, factor, native, factor).all(axis=(1, 3))
 
 
-def load_scene(cell: SceneCell, source: TileSource, *, tile_size: str = "auto", min_valid: float = MIN_VALID) -> Scene:
-    """Fetch, decode and stitch the tiles of ``cell`` into a ``uint8 (size*256, size*256, 3)`` image.
+@dataclass(frozen=True)
+class FetchedScene:
+    """The raw tiles of one scene cell as the source answered, not yet decoded.
+
+    Loading is split in two because the halves belong in different places: fetching waits on the
+    network and runs in threads beside the one rate limiter and tile cache of the run, while
+    decoding and stitching use a core each and run in the scan's worker processes.
+    ``tiles`` holds ``(tile, row, col, result)`` in the order of :func:`source_tiles`; ``error``
+    says why fetching failed (the scene then fails with it).
+    """
+
+    cell: SceneCell
+    tiles: tuple = ()
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def fetch_scene(cell: SceneCell, source: TileSource, *, tile_size: str = "auto") -> FetchedScene:
+    """Fetch the tiles of ``cell``. Whole-run failures (:class:`RunAbortError`) propagate; any
+    other error becomes the scene's ``error``."""
+    started = time.perf_counter()
+    try:
+        tiles = tuple((tile, row, col, source.get(tile)) for tile, row, col in source_tiles(cell, zoom_up(tile_size)))
+    except RunAbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad scene never stops a night's run
+        return FetchedScene(cell, error=scene_error(exc), seconds=time.perf_counter() - started)
+    return FetchedScene(cell, tiles, seconds=time.perf_counter() - started)
+
+
+def assemble_scene(fetched: FetchedScene, *, tile_size: str = "auto", min_valid: float = MIN_VALID) -> Scene:
+    """Decode and stitch fetched tiles into a ``uint8 (size*256, size*256, 3)`` image.
 
     Missing tiles, blank filler tiles and transparent pixels are left out of the validity mask. A
     scene with no imagery at all is "no-imagery"; one with too little (``min_valid``) or only
     blank tiles is "skipped"; any error while fetching or decoding fails the scene with that
-    error, except whole-run failures (:class:`RunAbortError`), which stop the scan. Tiles are
-    stitched into one preallocated array as they arrive, so a scene costs its own size in memory.
+    error. Tiles are stitched into one preallocated array, so a scene costs its own size in memory.
     """
-    up = zoom_up(tile_size)
-    native = TILE_SIZE << up  # source pixels per source tile at the scene's scale
+    cell = fetched.cell
+    if fetched.error is not None:
+        return Scene(cell, "failed", reason=fetched.error)
+    native = TILE_SIZE << zoom_up(tile_size)  # source pixels per source tile at the scene's scale
     side = cell.size * TILE_SIZE
     image = np.zeros((side, side, 3), np.uint8)
     valid = np.zeros((side, side), bool)
     counts = {"missing": 0, "blank": 0}
     dates = []
     try:
-        tiles = source_tiles(cell, up)
-        for tile, row, col in tiles:
+        for tile, row, col, result in fetched.tiles:
             name = f"tile {tile.z}/{tile.x}/{tile.y}"
-            result = source.get(tile)
             if result.status == "missing":
                 counts["missing"] += 1
                 continue
@@ -159,13 +189,11 @@ def load_scene(cell: SceneCell, source: TileSource, *, tile_size: str = "auto", 
             valid[rs, cs] = mask[ts]
             if result.capture_date is not None:
                 dates.append(result.capture_date)
-    except RunAbortError:
-        raise
     except Exception as exc:  # noqa: BLE001 - one bad scene never stops a night's run
         return Scene(cell, "failed", reason=scene_error(exc))
     date = max(dates, default=None)
     fraction = float(valid.mean())
-    n = len(tiles)
+    n = len(fetched.tiles)
     if fraction == 0.0:
         if counts["blank"]:
             return Scene(cell, "skipped", reason=f"{counts['blank']} of {n} tiles are blank or uniform (no data)", capture_date=date)
@@ -177,6 +205,11 @@ def load_scene(cell: SceneCell, source: TileSource, *, tile_size: str = "auto", 
     if fraction < 1.0:
         image[~valid] = np.median(image[valid], axis=0).astype(np.uint8)
     return Scene(cell, "ok", image=image, capture_date=date, valid=None if fraction == 1.0 else valid)
+
+
+def load_scene(cell: SceneCell, source: TileSource, *, tile_size: str = "auto", min_valid: float = MIN_VALID) -> Scene:
+    """Fetch, decode and stitch the tiles of ``cell`` (:func:`fetch_scene`, then :func:`assemble_scene`)."""
+    return assemble_scene(fetch_scene(cell, source, tile_size=tile_size), tile_size=tile_size, min_valid=min_valid)
 
 
 def scene_error(exc: Exception) -> str:

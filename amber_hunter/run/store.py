@@ -5,7 +5,8 @@ Layout (this module is the only one that knows it)::
     run/
       config.json     the RunConfig; a resume with other result-deciding settings is refused
       run.sqlite      scenes, regions (superpixels) and events, in WAL mode
-      embeddings/     one Parquet shard per scene: scene_id, label, embedder, vector
+      embeddings/     Parquet shards of many scenes: scene_id, label, embedder, vector (float32);
+                      run.sqlite says which shard holds each scene's current rows
       scenes/         a small overlay PNG per flagged scene, for the map's popups
       models/v1, v2…  model versions after a retrain or rescore (v1: the scan's own model), never
                       overwritten; run.sqlite says which is current
@@ -13,11 +14,25 @@ Layout (this module is the only one that knows it)::
       tiles-cache/    downloaded tiles of an HTTP source (unless the config names another cache)
       log.txt
 
-Crash safety rests on two rules. A scene's files (embedding shard, overlay) are written atomically
-*before* its database transaction, under names derived from its scene id: a kill between the two
-leaves an orphan file that the rerun overwrites, never a row without its file. And a scene's row
-and its region rows are committed in one transaction, upserted by scene id, so a scene is never
+Crash safety rests on two rules. A scene's files (its overlay) are written atomically *before*
+its database transaction, under names derived from its scene id: a kill between the two leaves an
+orphan file that the rerun overwrites, never a row without its file. And a scene's row, its region
+rows and its embeddings are committed in one transaction, upserted by scene id, so a scene is never
 half-recorded and never counted twice.
+
+Embeddings are the bulk of a run (a default-model scene stores about 30 vectors of 5,512 numbers),
+so one file per scene would make 500,000 files. A scene's vectors are first *staged* in run.sqlite,
+in the scene's own transaction; once enough are staged (``SHARD_BYTES``, ``SHARD_SCENES``), or when
+a writing store is closed normally, they are *sealed* into one Parquet shard: the shard file is
+written atomically first, then one transaction points its scenes at it and drops their staged rows.
+A kill between the two leaves an orphan shard that the next seal overwrites (shard numbers come
+from the committed ones). A scene recorded again points at its new rows; its rows in an older shard
+are ignored by every reader. Readers stream shards batch by batch, so memory does not grow with the
+run.
+
+``status`` reads small tables kept up to date in the same transactions (counts by status kept by
+triggers, one row per scan session with its scene count and per-stage seconds), never the scene or
+event rows, so it stays instant on a 500,000-scene run.
 """
 
 from __future__ import annotations
@@ -49,7 +64,24 @@ if TYPE_CHECKING:  # detect pulls in scikit-image; status and export do not need
 StoredStatus = Literal["pending", "done", "failed", "no-imagery", "skipped"]
 _PAGE = 1000
 #: ``PRAGMA user_version`` of the schema below; a run made with another one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Parquet options of a shard. Vectors stay float32, stored losslessly and compactly: byte-stream
+#: split then zstd keeps a demo-region default-model scene in 387 kB (554 kB as the old per-scene
+#: files). float16 would take 200 kB, but it moves XGBoost's texture splits: rescoring the fast
+#: model's 860 training crops from float16 flips 3 verdicts (probabilities move by up to 0.16),
+#: and rescoring with the same model must change nothing (benchmarks/results-shards.json).
+_PARQUET = {"compression": "zstd", "use_dictionary": ["scene_id", "embedder"],
+            "use_byte_stream_split": ["vector.list.element"]}
+#: Staged embeddings are sealed into a shard once they reach this many bytes or scenes: a few
+#: thousand shards for a 450,000-scene default-model run, each small enough to write in one go.
+SHARD_BYTES = 64 * 2**20
+SHARD_SCENES = 4096
+#: Vector bytes per row group of a shard and per batch read back: what a reader holds at once.
+BATCH_BYTES = 16 * 2**20
+#: ``scenes.shard`` of a scene whose vectors are staged in run.sqlite, not yet in a shard file.
+_STAGED = 0
+#: Stages a scan times per scene (see :class:`StageTimes`).
+STAGES = ("fetch", "decode", "slic", "embed", "classify", "store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS scenes (
@@ -66,9 +98,61 @@ CREATE TABLE IF NOT EXISTS scenes (
     valid_fraction REAL,
     model TEXT,
     in_grid INTEGER NOT NULL DEFAULT 1,
-    updated_at REAL
+    updated_at REAL,
+    shard INTEGER  -- where the scene's embeddings are: NULL none, 0 staged, k embeddings/shard-k.parquet
 );
 CREATE INDEX IF NOT EXISTS scenes_by_status ON scenes (status);
+CREATE INDEX IF NOT EXISTS scenes_by_shard ON scenes (shard);
+CREATE TABLE IF NOT EXISTS staged (
+    scene_id TEXT PRIMARY KEY,
+    embedder TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    labels BLOB NOT NULL,   -- int32
+    vectors BLOB NOT NULL   -- float32, (len(labels), dim)
+);
+CREATE TABLE IF NOT EXISTS shards (
+    shard INTEGER PRIMARY KEY,
+    embedder TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    scenes INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scene_counts (
+    in_grid INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    flagged INTEGER NOT NULL,
+    partial INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (in_grid, status, flagged, partial)
+);
+CREATE TRIGGER IF NOT EXISTS scenes_counted AFTER INSERT ON scenes BEGIN
+    INSERT INTO scene_counts VALUES (NEW.in_grid, NEW.status, NEW.flagged, COALESCE(NEW.valid_fraction < 1, 0), 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS scenes_recounted AFTER UPDATE OF in_grid, status, flagged, valid_fraction ON scenes
+WHEN OLD.in_grid IS NOT NEW.in_grid OR OLD.status IS NOT NEW.status OR OLD.flagged IS NOT NEW.flagged
+     OR COALESCE(OLD.valid_fraction < 1, 0) IS NOT COALESCE(NEW.valid_fraction < 1, 0) BEGIN
+    UPDATE scene_counts SET n = n - 1 WHERE in_grid = OLD.in_grid AND status = OLD.status AND flagged = OLD.flagged
+        AND partial = COALESCE(OLD.valid_fraction < 1, 0);
+    INSERT INTO scene_counts VALUES (NEW.in_grid, NEW.status, NEW.flagged, COALESCE(NEW.valid_fraction < 1, 0), 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    scenes INTEGER NOT NULL DEFAULT 0,
+    first REAL,
+    last REAL,
+    timed INTEGER NOT NULL DEFAULT 0,
+    fetch REAL NOT NULL DEFAULT 0,
+    decode REAL NOT NULL DEFAULT 0,
+    slic REAL NOT NULL DEFAULT 0,
+    embed REAL NOT NULL DEFAULT 0,
+    classify REAL NOT NULL DEFAULT 0,
+    store REAL NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS regions (
     scene_id TEXT NOT NULL,
     label INTEGER NOT NULL,
@@ -110,6 +194,31 @@ class RegionRecord:
 
 
 @dataclass(frozen=True)
+class StageTimes:
+    """Seconds one scene spent in each stage of a scan (or, in :class:`RunStatus`, all scenes), so
+    a slow run says where its time goes: tile fetching, image decoding, SLIC, the CNN, the
+    classifier, or the run store (which :meth:`RunStore.record` times itself)."""
+
+    fetch: float = 0.0
+    decode: float = 0.0
+    slic: float = 0.0
+    embed: float = 0.0
+    classify: float = 0.0
+    store: float = 0.0
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """A slice of a run's stored embeddings: ``vectors`` ``float32 (n, dim)`` of superpixels
+    (``scene_ids[i]``, ``labels[i]``), all from ``embedder``."""
+
+    scene_ids: list[str]
+    labels: np.ndarray
+    vectors: np.ndarray
+    embedder: str
+
+
+@dataclass(frozen=True)
 class SceneRecord:
     """Everything a scan learned about one scene, stored together by :meth:`RunStore.record`.
 
@@ -134,6 +243,8 @@ class SceneRecord:
     model: str | None = None
     #: The labels of the rows of ``embeddings`` (the scored superpixels).
     embedding_labels: tuple[int, ...] = ()
+    #: Where the scan spent its time on this scene; ``store`` is filled in by the store.
+    timings: StageTimes | None = None
 
 
 @dataclass(frozen=True)
@@ -204,7 +315,7 @@ class ModelVersion:
     current: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a rescore holds one per superpixel of the run
 class RescoredRegion:
     """A superpixel's new verdict; ``polygon`` None keeps the stored one (or none)."""
 
@@ -214,7 +325,7 @@ class RescoredRegion:
     polygon: dict | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RescoredScene:
     """A done scene decided again from its stored embeddings."""
 
@@ -247,6 +358,8 @@ class RunStatus:
 
     Scenes dropped from the grid by a forced change of area, zoom or scene size are not counted
     (``dropped`` says how many there are). ``partial`` counts done scenes with some nodata.
+    ``stage_seconds`` adds up the stage times of the ``timed_scenes`` recorded with timings, over
+    all sessions of the run.
     """
 
     total: int
@@ -259,6 +372,8 @@ class RunStatus:
     rate: float | None
     partial: int = 0
     dropped: int = 0
+    stage_seconds: StageTimes = StageTimes()
+    timed_scenes: int = 0
 
 
 def _hint(exc: BaseException) -> str:
@@ -281,6 +396,10 @@ def _bounds(text: str | None) -> Bounds | None:
 def _file_stem(scene_id: str) -> str:
     """A file-name form of a scene id (``18/1/2/4`` → ``18_1_2_4``); unique because ids are numbers."""
     return scene_id.replace("/", "_")
+
+
+def _batch_rows(dim: int) -> int:
+    return max(16, BATCH_BYTES // (4 * dim))
 
 
 def current_model_config(run_dir: str | Path, config: RunConfig) -> RunConfig:
@@ -316,6 +435,8 @@ class RunStore:
         #: Where downloaded tiles are kept unless the config names a shared cache.
         self.tile_cache_dir = self.run_dir / "tiles-cache"
         self._regrid = False
+        #: The scan session this store records into (a row of ``sessions``); None when reading.
+        self._session: int | None = None
         if config is None and not self.db_path.is_file():
             raise RunStoreError(f"{self.run_dir} is not a run directory (no run.sqlite); start one with 'amber-hunter scan --run {self.run_dir}'")
         with self._guard("open the run directory"):
@@ -351,8 +472,15 @@ class RunStore:
     def __enter__(self) -> RunStore:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A writing store seals its staged embeddings when its block ends normally (a scan that
+        finished or was stopped by a first Ctrl-C); after an error they stay staged, safe, and
+        are sealed by the next session."""
+        try:
+            if exc_type is None and self._session is not None:
+                self.flush()
+        finally:
+            self.close()
 
     def _check_schema(self) -> None:
         """Refuse a run directory written by a version of amber-hunter with another schema."""
@@ -360,7 +488,8 @@ class RunStore:
         has_tables = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'scenes'").fetchone()
         if has_tables and version != SCHEMA_VERSION:
             raise RunStoreError(f"{self.run_dir} was written by another version of amber-hunter (schema {version}, "
-                                f"this one reads {SCHEMA_VERSION}); start a new run directory")
+                                f"this one reads {SCHEMA_VERSION}); rescan the area into a new run directory "
+                                "('amber-hunter scan --run NEW_DIR' with the same settings)")
 
     def _adopt(self, config: RunConfig, force: bool) -> None:
         """Write the config of a new run, or check a resumed run's config against the stored one."""
@@ -380,6 +509,7 @@ class RunStore:
             if changed:
                 self._event("config-changed", message=f"forced new {', '.join(changed)}")
             self._event("start", message="resume" if stored else "new run")
+            self._session = self._db.execute("INSERT INTO sessions (started) VALUES (?)", (time.time(),)).lastrowid
 
     def _event(self, kind: str, scene_id: str | None = None, message: str | None = None) -> None:
         self._db.execute("INSERT INTO events (ts, kind, scene_id, message) VALUES (?, ?, ?, ?)", (time.time(), kind, scene_id, message))
@@ -447,52 +577,51 @@ class RunStore:
     def overlay_path(self, scene_id: str) -> Path:
         return self.scenes_dir / f"{_file_stem(scene_id)}.png"
 
-    def _write_shard(self, record: SceneRecord) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def shard_path(self, shard: int) -> Path:
+        return self.embeddings_dir / f"shard-{shard:06d}.parquet"
 
+    def _stage(self, record: SceneRecord) -> None:
+        """Keep a done scene's vectors in run.sqlite, in the scene's transaction, until sealed."""
         vectors = np.ascontiguousarray(record.embeddings, np.float32)
         n, dim = vectors.shape
         labels = record.embedding_labels or tuple(r.label for r in record.regions)
         if len(labels) != n:
             raise ValueError(f"scene {record.scene_id}: {n} embeddings for {len(labels)} labels")
-        table = pa.table({
-            "scene_id": pa.array([record.scene_id] * n, pa.string()),
-            "label": pa.array(labels, pa.int32()),
-            "embedder": pa.array([record.embedder] * n, pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-        })
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        atomic.write_bytes(self.embeddings_dir / f"{_file_stem(record.scene_id)}.parquet", buf.getvalue())
+        self._db.execute("INSERT INTO staged (scene_id, embedder, dim, labels, vectors) VALUES (?, ?, ?, ?, ?)",
+                         (record.scene_id, record.embedder, dim, np.asarray(labels, np.int32).tobytes(), vectors.tobytes()))
 
     def record(self, record: SceneRecord) -> None:
-        """Store one scene's outcome: its files first, then its rows in one transaction."""
+        """Store one scene's outcome: its files first, then its rows and staged embeddings in one
+        transaction, with the session's scene count and stage times. Seals a shard when enough
+        embeddings are staged."""
+        started = time.perf_counter()
         r = record.result
         with self._guard(f"save scene {record.scene_id}"):
-            if record.embeddings is not None:
-                self._write_shard(record)
             if record.overlay is not None:
                 write_png(self.overlay_path(record.scene_id), record.overlay)
             with self._db:
                 self._db.execute(
                     """INSERT INTO scenes (scene_id, status, error, flagged, n_positive, n_superpixels, max_probability,
-                                           positive_area_m2, capture_date, bounds, valid_fraction, model, updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                           positive_area_m2, capture_date, bounds, valid_fraction, model, updated_at, shard)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT (scene_id) DO UPDATE SET
                            status = excluded.status, error = excluded.error, flagged = excluded.flagged,
                            n_positive = excluded.n_positive, n_superpixels = excluded.n_superpixels,
                            max_probability = excluded.max_probability, positive_area_m2 = excluded.positive_area_m2,
                            capture_date = excluded.capture_date, bounds = excluded.bounds,
                            valid_fraction = excluded.valid_fraction, model = excluded.model,
-                           updated_at = excluded.updated_at""",
+                           updated_at = excluded.updated_at, shard = excluded.shard""",
                     (
                         record.scene_id, record.status, record.error, int(bool(r and r.flagged)),
                         r and r.n_positive, r and r.n_superpixels, r and r.max_probability, r and r.positive_area_m2,
                         record.capture_date and record.capture_date.isoformat(), _bounds_json(record.bounds),
                         record.valid_fraction, record.model, time.time(),
+                        None if record.embeddings is None else _STAGED,
                     ),
                 )
+                self._db.execute("DELETE FROM staged WHERE scene_id = ?", (record.scene_id,))
+                if record.embeddings is not None:
+                    self._stage(record)
                 self._db.execute("DELETE FROM regions WHERE scene_id = ?", (record.scene_id,))
                 self._db.executemany(
                     "INSERT INTO regions (scene_id, label, probability, positive, area_m2, bbox, polygon, note) "
@@ -504,6 +633,59 @@ class RunStore:
                     ],
                 )
                 self._event("scene", record.scene_id, record.status)
+                t = record.timings or StageTimes()
+                now = time.time()
+                self._db.execute(
+                    "UPDATE sessions SET scenes = scenes + 1, first = COALESCE(first, ?), last = ?, timed = timed + ?, "
+                    "fetch = fetch + ?, decode = decode + ?, slic = slic + ?, embed = embed + ?, "
+                    "classify = classify + ?, store = store + ? WHERE id = ?",
+                    (now, now, int(record.timings is not None), t.fetch, t.decode, t.slic, t.embed, t.classify,
+                     t.store + time.perf_counter() - started, self._session),
+                )
+            n, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(vectors)), 0) FROM staged").fetchone()
+        if n >= SHARD_SCENES or size >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Seal the staged embeddings into shards: each shard file is written atomically, then one
+        transaction points its scenes at it and drops their staged rows. Scenes of different
+        embedders (a forced change of model) go to different shards."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        started = time.perf_counter()
+        with self._guard("seal an embeddings shard"):
+            staged = self._db.execute("SELECT scene_id, embedder, dim, labels, vectors FROM staged ORDER BY rowid").fetchall()
+            if not staged:
+                return
+            groups: dict[tuple[str, int], list] = {}
+            for row in staged:
+                groups.setdefault((row[1], row[2]), []).append(row)
+            shard = self._db.execute("SELECT COALESCE(MAX(shard), 0) FROM shards").fetchone()[0]
+            sealed = []
+            for (embedder, dim), rows in groups.items():
+                shard += 1
+                labels = [np.frombuffer(row[3], np.int32) for row in rows]
+                vectors = np.concatenate([np.frombuffer(row[4], np.float32) for row in rows])
+                n = sum(len(x) for x in labels)
+                table = pa.table({
+                    "scene_id": pa.array([row[0] for row, x in zip(rows, labels) for _ in range(len(x))], pa.string()),
+                    "label": pa.array(np.concatenate(labels), pa.int32()),
+                    "embedder": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([embedder])),
+                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors), dim),
+                })
+                buf = io.BytesIO()
+                pq.write_table(table, buf, row_group_size=_batch_rows(dim), **_PARQUET)
+                atomic.write_bytes(self.shard_path(shard), buf.getvalue())
+                sealed.append((shard, embedder, dim, [row[0] for row in rows], n, buf.tell()))
+            with self._db:
+                for shard, embedder, dim, scene_ids, n, size in sealed:
+                    self._db.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                     (shard, embedder, dim, len(scene_ids), n, size, time.time()))
+                    self._db.executemany("UPDATE scenes SET shard = ? WHERE scene_id = ?", ((shard, i) for i in scene_ids))
+                    self._db.executemany("DELETE FROM staged WHERE scene_id = ?", ((i,) for i in scene_ids))
+                self._db.execute("UPDATE sessions SET store = store + ? WHERE id = ?",
+                                 (time.perf_counter() - started, self._session))
 
     def note(self, kind: str, message: str) -> None:
         """Record a run-level event (a stop, an interruption) with its time."""
@@ -513,23 +695,27 @@ class RunStore:
     # --- reading -------------------------------------------------------------------------------
 
     def status(self) -> RunStatus:
-        """Counts per status and the latest session's rate, from scene rows and event times."""
+        """Counts per status, the latest session's rate and the stage times, from the small tables
+        kept by the scene transactions (never a pass over the scene or event rows)."""
         with self._guard("read the run status"):
-            counts = dict(self._db.execute("SELECT status, COUNT(*) FROM scenes WHERE in_grid GROUP BY status").fetchall())
-            flagged, partial, dropped = self._db.execute(
-                "SELECT SUM(in_grid AND status = 'done' AND flagged), SUM(in_grid AND status = 'done' AND valid_fraction < 1), "
-                "SUM(NOT in_grid) FROM scenes"
-            ).fetchone()
+            counts: dict[str, int] = {}
+            flagged = partial = dropped = 0
+            for in_grid, status, is_flagged, is_partial, n in self._db.execute("SELECT * FROM scene_counts"):
+                if not in_grid:
+                    dropped += n
+                    continue
+                counts[status] = counts.get(status, 0) + n
+                flagged += n if status == "done" and is_flagged else 0
+                partial += n if status == "done" and is_partial else 0
             # The latest session that processed scenes: a rerun with nothing pending leaves the rate
             # of the session that did the work. Timing from its first to its last scene leaves out
             # the model loading, which would make short runs look slow.
-            start = self._db.execute(
-                "SELECT MAX(e.ts) FROM events e WHERE e.kind = 'start' AND EXISTS "
-                "(SELECT 1 FROM events s WHERE s.kind = 'scene' AND s.ts >= e.ts)"
-            ).fetchone()[0]
-            n, first, last = self._db.execute(
-                "SELECT COUNT(*), MIN(ts), MAX(ts) FROM events WHERE kind = 'scene' AND ts >= ?", (start or 0.0,)
+            latest = self._db.execute("SELECT scenes, first, last FROM sessions WHERE scenes > 0 "
+                                      "ORDER BY id DESC LIMIT 1").fetchone()
+            timed, *seconds = self._db.execute(
+                f"SELECT COALESCE(SUM(timed), 0), {', '.join(f'COALESCE(SUM({s}), 0)' for s in STAGES)} FROM sessions"
             ).fetchone()
+        n, first, last = latest or (0, None, None)
         return RunStatus(
             total=sum(counts.values()),
             pending=counts.get("pending", 0),
@@ -537,10 +723,12 @@ class RunStore:
             failed=counts.get("failed", 0),
             no_imagery=counts.get("no-imagery", 0),
             skipped=counts.get("skipped", 0),
-            flagged=flagged or 0,
+            flagged=flagged,
             rate=(n - 1) / (last - first) if n >= 2 and last > first else None,
-            partial=partial or 0,
-            dropped=dropped or 0,
+            partial=partial,
+            dropped=dropped,
+            stage_seconds=StageTimes(*seconds),
+            timed_scenes=timed,
         )
 
     def failure_reasons(self, top: int = 5) -> list[tuple[str, int]]:
@@ -682,10 +870,80 @@ class RunStore:
                             tuple((s, int(k)) for s, k in json.loads(m)), r, t)
                 for f, line, v, n, g, m, r, t in rows]
 
-    def embeddings(self):
-        """All stored embeddings as one ``pyarrow.Table`` (scene_id, label, embedder, vector), for
-        rescoring with a retrained model without refetching or re-embedding."""
+    def embedders(self) -> dict[str, int]:
+        """The embedders of the run's current embeddings, with their widths (empty: none stored)."""
+        with self._guard("read the embedders"):
+            rows = self._db.execute(
+                "SELECT embedder, dim FROM shards WHERE shard IN (SELECT DISTINCT shard FROM scenes WHERE shard > 0) "
+                "UNION SELECT embedder, dim FROM staged").fetchall()
+        return dict(rows)
+
+    def embedding_rows(self) -> int:
+        """At most how many embeddings :meth:`embedding_batches` yields (rows of shards that a
+        scene recorded again left behind are counted here, not yielded there)."""
+        with self._guard("count the embeddings"):
+            in_shards = self._db.execute("SELECT COALESCE(SUM(rows), 0) FROM shards WHERE shard IN "
+                                         "(SELECT DISTINCT shard FROM scenes WHERE shard > 0)").fetchone()[0]
+            staged = self._db.execute("SELECT COALESCE(SUM(LENGTH(labels)), 0) / 4 FROM staged").fetchone()[0]
+        return in_shards + staged
+
+    def embedding_batches(self, batch_rows: int | None = None) -> Iterator[EmbeddingBatch]:
+        """The current embedding of every superpixel, at most ``batch_rows`` at a time (by default
+        ``BATCH_BYTES`` of vectors), shard by shard and then the staged ones: memory holds one
+        batch, however large the run. Rows of a scene recorded again since its shard was sealed
+        are skipped."""
         import pyarrow.parquet as pq
 
-        with self._guard("read embeddings"):
-            return pq.read_table(self.embeddings_dir)
+        with self._guard("read the embeddings shards"):
+            shards = self._db.execute("SELECT shard, embedder, dim FROM shards WHERE shard IN "
+                                      "(SELECT DISTINCT shard FROM scenes WHERE shard > 0) ORDER BY shard").fetchall()
+        for shard, embedder, dim in shards:
+            path = self.shard_path(shard)
+            with self._guard(f"read {path.name}"):
+                live = {i for (i,) in self._db.execute("SELECT scene_id FROM scenes WHERE shard = ?", (shard,))}
+                if not path.is_file():
+                    raise RunStoreError(f"{path} is missing: the embeddings of {len(live)} scenes are gone; put it "
+                                        f"back, or rescan into a new run directory")
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows or _batch_rows(dim),
+                                                               columns=["scene_id", "label", "vector"]):
+                    ids = batch.column(0).to_pylist()
+                    keep = np.fromiter((i in live for i in ids), bool, len(ids))
+                    vectors = batch.column(2).values.to_numpy().reshape(len(ids), -1)
+                    labels = batch.column(1).to_numpy()
+                    if not keep.all():
+                        ids, labels, vectors = [i for i, k in zip(ids, keep) if k], labels[keep], vectors[keep]
+                    if ids:
+                        yield EmbeddingBatch(ids, labels, vectors, embedder)
+        last = ""
+        while True:  # staged scenes, one scene at a time (there are at most SHARD_SCENES)
+            with self._guard("read the staged embeddings"):
+                row = self._db.execute("SELECT scene_id, embedder, dim, labels, vectors FROM staged WHERE scene_id > ? "
+                                       "ORDER BY scene_id LIMIT 1", (last,)).fetchone()
+            if row is None:
+                return
+            last, embedder, dim, labels, vectors = row
+            labels = np.frombuffer(labels, np.int32)
+            if len(labels):
+                yield EmbeddingBatch([last] * len(labels), labels, np.frombuffer(vectors, np.float32).reshape(-1, dim),
+                                     embedder)
+
+    def embeddings(self):
+        """The run's current embeddings as one ``pyarrow.Table`` (scene_id, label, embedder, vector
+        as float32), for checks on small runs: a large run is read with :meth:`embedding_batches`."""
+        import pyarrow as pa
+
+        columns: dict[str, list] = {"scene_id": [], "label": [], "embedder": [], "vector": []}
+        for batch in self.embedding_batches():
+            columns["scene_id"] += batch.scene_ids
+            columns["label"].append(batch.labels)
+            columns["embedder"] += [batch.embedder] * len(batch.labels)
+            columns["vector"].append(batch.vectors)
+        if not columns["vector"]:
+            return pa.table({"scene_id": pa.array([], pa.string()), "label": pa.array([], pa.int32()),
+                             "embedder": pa.array([], pa.string()),
+                             "vector": pa.array([], pa.list_(pa.float32()))})
+        vectors = np.concatenate(columns["vector"])
+        return pa.table({"scene_id": pa.array(columns["scene_id"], pa.string()),
+                         "label": pa.array(np.concatenate(columns["label"]), pa.int32()),
+                         "embedder": pa.array(columns["embedder"], pa.string()),
+                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])})
