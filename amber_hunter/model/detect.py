@@ -155,7 +155,8 @@ class Detector:
     def features(self, scenes: Sequence[Prepared]) -> list[np.ndarray]:
         """The full embedding of each prepared scene: its CNN parts computed here, joined with the
         hand-made columns in the embedder's order."""
-        columns = [embed_many(part, [(s.image, s.regions) for s in scenes]) if part.kind == "cnn"
+        # A CNN part embeds the crops of all the scenes as one run of batches (CnnEmbedder.embed_many).
+        columns = [part.embed_many([(s.image, s.regions) for s in scenes]) if part.kind == "cnn"
                    else [s.handmade[i] for s in scenes] for i, part in enumerate(self._parts)]
         return [np.concatenate([c[k] for c in columns], axis=1).astype(np.float32, copy=False)
                 for k in range(len(scenes))]
@@ -179,15 +180,6 @@ class Detector:
         """The verdict and the superpixels, for callers that do not keep embeddings."""
         detection = self.run(image, m_per_px)
         return detection.result, detection.segmentation
-
-
-def embed_many(part: Embedder, scenes: Sequence[tuple[np.ndarray, Sequence[Region]]]) -> list[np.ndarray]:
-    """One CNN part's features for the superpixels of several scenes, as one run of batches where
-    the embedder can (``embed_many``), so the last, part-filled batch is paid once, not per scene."""
-    batched = getattr(part, "embed_many", None)
-    if batched is not None:
-        return batched(scenes)
-    return [part.embed(image, regions) for image, regions in scenes]
 
 
 def overlay(image: np.ndarray, segmentation: Segmentation, result: SceneResult) -> np.ndarray:
