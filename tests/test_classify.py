@@ -20,6 +20,7 @@ from amber_hunter.model.classify import (
     BUNDLE_FORMAT,
     ModelBundle,
     ModelMetadata,
+    area_threshold,
     choose_threshold,
     fit_classifier,
     load_bundle,
@@ -280,6 +281,14 @@ def test_choose_threshold_falls_back_to_best_f1():
     assert not choice.met_target
     assert choice.threshold == pytest.approx(0.5)  # F1 0.75, the best of all thresholds
     assert (choice.precision, choice.recall) == (pytest.approx(0.6), 1.0)
+
+
+def test_area_threshold_needs_enough_of_each_class_then_follows_the_same_rule():
+    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    assert area_threshold(labels, probs, 0.95, min_per_class=4) == choose_threshold(labels, probs, 0.95)
+    assert area_threshold(labels, probs, 0.95, min_per_class=5) is None
+    assert area_threshold(labels[labels == 1], probs[labels == 1], 0.95, min_per_class=1) is None  # one class only
 
 
 # --- the detector on a bundle -------------------------------------------------------------------

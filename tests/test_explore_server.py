@@ -23,6 +23,7 @@ from amber_hunter.explore.data import load_dataset_points, load_run_points, plai
 from amber_hunter.explore.projection import ArrayCache, cached_projection, classifier_view, project
 from amber_hunter.explore.server import NO_CNN, ExploreApp, make_server, start_in_thread
 from amber_hunter.learn.labels import LabelStore
+from amber_hunter.learn.suggest import DEFAULT_STRATEGY
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +287,9 @@ def test_suggest_picks_unlabelled_points_only(app_url, points):
     first = json.loads(body)["suggested"]
     assert status == 200 and len(first) == 5 == len(set(first))
     assert json.loads(get(url, "/api/suggest?n=5")[1])["suggested"] == first  # seeded
+    # suggest's default strategy, the measured one
+    assert json.loads(get(url, f"/api/suggest?n=5&strategy={DEFAULT_STRATEGY}")[1])["suggested"] == first
+    assert json.loads(get(url, "/api/suggest?n=5&strategy=margin")[1])["suggested"] != first
     post(url, "/api/label", {"indices": first[:2], "label": "mining"})
     again = json.loads(get(url, f"/api/suggest?n={len(points)}")[1])["suggested"]
     assert len(again) == len(points) - 2 and not set(first[:2]) & set(again)

@@ -16,8 +16,8 @@ from tile_servers import tile_server
 from amber_hunter.errors import FeedbackError
 from amber_hunter.feedback.reports import import_feedback, read_reports
 from amber_hunter.feedback.retrain import retrain
-from amber_hunter.learn.labels import LabelStore
-from amber_hunter.model.classify import load_bundle
+from amber_hunter.learn.labels import LabelStore, SuperpixelKey
+from amber_hunter.model.classify import AREA_MIN_LABELS, AREA_MIN_PER_CLASS, choose_threshold, load_bundle
 from amber_hunter.run.resegment import resegment
 from amber_hunter.run.scan import scan
 from amber_hunter.run.scenes import cell_from_id
@@ -169,6 +169,97 @@ def test_retrain_needs_enough_examples_and_its_data(run, tmp_path):
     with pytest.raises(FeedbackError, match="at least 10 examples of each class; it has 3 positive and 3 negative"):
         retrain(run, data=[few])
 
+
+
+def _label_extremes(run: Path, labels: LabelStore, positives: int, negatives: int, source: str = "explore") -> None:
+    """Label the run's most probable superpixels mining and its least probable not mining, as a
+    user labels suggested superpixels of a new area."""
+    with RunStore(run) as store:
+        ranked = sorted((r.probability, s.scene_id, r.label) for s in store.scenes() for r in store.regions(s.scene_id))
+    top, bottom = ranked[len(ranked) - positives:], ranked[:negatives]
+    assert len(ranked) >= positives + negatives
+    labels.add_many([(SuperpixelKey.of(run.resolve(), scene, segment), 1) for _, scene, segment in top]
+                    + [(SuperpixelKey.of(run.resolve(), scene, segment), 0) for _, scene, segment in bottom],
+                    source=source)
+
+
+@pytest.mark.parametrize(("positives", "negatives", "source", "threshold", "shipped"), [
+    (6, 6, "explore", "area", "area"),  # enough of both classes: the run's labels choose the threshold
+    (6, 6, "explore", "training", "training"),  # asked for the training set's
+    (0, 12, "explore", "area", "training"),  # one class only
+    (4, 4, "explore", "area", "training"),  # fewer labels than AREA_MIN_LABELS
+    (6, 6, "feedback", "area", "training"),  # readers' reports are not a sample of the area
+])
+def test_retrain_chooses_the_threshold_on_the_runs_own_labels_when_they_are_enough(
+        run, small_data, tmp_path, positives, negatives, source, threshold, shipped):
+    assert AREA_MIN_LABELS == 10 and AREA_MIN_PER_CLASS == 1  # the cases above are built around these
+    with LabelStore(tmp_path / "labels.sqlite") as labels:
+        _label_extremes(run, labels, positives, negatives, source)
+        done = retrain(run, data=[small_data], labels=labels, threshold=threshold)
+    assert done.run_superpixels == positives + negatives
+    assert done.area_labels == (positives + negatives if source == "explore" else 0)
+    assert done.threshold_from == shipped
+    with RunStore(run) as store:
+        version = store.model_versions()[-1]
+    assert version.changes["threshold_from"] == shipped
+    bundle = load_bundle(version.path)
+    assert bundle.metadata.metrics["threshold_from"] == shipped
+    if shipped == "area":
+        assert done.area is not None and round(bundle.metadata.threshold, 4) == done.area.threshold
+        assert done.area.threshold != done.after.threshold, "the two rules agree here: the test would prove nothing"
+    else:
+        assert done.area is None and round(bundle.metadata.threshold, 4) == done.after.threshold
+
+
+def test_the_area_threshold_comes_from_the_run_rows_out_of_fold_probabilities(run, small_data, tmp_path, monkeypatch):
+    """The run's rows are the last of the training rows: their out-of-fold probabilities, and no
+    others, choose the threshold. Known random probabilities stand in for the real ones."""
+    import amber_hunter.feedback.retrain as module
+
+    seen = {}
+
+    def fake(features, labels, groups, *args):
+        classifier, _, oof = real(features, labels, groups, *args)
+        seen["labels"], seen["oof"], seen["target"] = labels, np.random.default_rng(7).random(len(oof)), args[1]
+        return classifier, choose_threshold(labels, seen["oof"], args[1]), seen["oof"]
+
+    real = module.fit_with_oof
+    monkeypatch.setattr(module, "fit_with_oof", fake)
+    with LabelStore(tmp_path / "labels.sqlite") as labels:
+        _label_extremes(run, labels, 6, 6)
+        done = retrain(run, data=[small_data], labels=labels)
+    with RunStore(run) as store:
+        shipped = load_bundle(store.model_versions()[-1].path).metadata.threshold
+    tail = slice(len(seen["labels"]) - 12, None)
+    assert shipped == choose_threshold(seen["labels"][tail], seen["oof"][tail], seen["target"]).threshold
+    assert done.threshold_from == "area" and sorted(seen["labels"][tail]) == [0] * 6 + [1] * 6
+
+
+def test_an_unknown_threshold_source_is_refused(run, small_data):
+    with pytest.raises(FeedbackError, match="threshold source 'best' is unknown; choose area or training"):
+        retrain(run, data=[small_data], threshold="best")
+
+
+def test_a_file_imported_twice_adds_nothing_the_second_time(run, region, tmp_path):
+    scene = {v: k for k, v in region.ids.items()}["positive1"]
+    first = _geojson(tmp_path / "first.geojson", [("Polygon", _scene_polygon(run, scene, -0.001), "not-mining")])
+    again = _geojson(tmp_path / "again.geojson", [("Polygon", _scene_polygon(run, scene, -0.001), "not-mining"),
+                                                  ("Polygon", _scene_polygon(run, scene, -0.001), "mining")])
+    with LabelStore(tmp_path / "labels.sqlite") as labels:
+        done = import_feedback(run, first, labels)
+        history = len(labels.history())
+        repeat = import_feedback(run, first, labels)
+        assert (repeat.rows, repeat.repeated) == ([], [(1, "first.geojson line 1")])
+        assert len(labels.history()) == history
+        changed = import_feedback(run, again, labels)  # the same place with a new verdict is a new report
+        assert [r.line for r in changed.rows] == [2] and changed.repeated == [(1, "first.geojson line 1")]
+        assert len(labels.history()) == history + done.superpixels
+    with RunStore(run) as store:
+        assert [(r.file, r.line, r.verdict) for r in store.feedback()] == [
+            ("first.geojson", 1, "not-mining"), ("again.geojson", 2, "mining")]
+    with LabelStore(tmp_path / "other.sqlite") as other:  # another store still gets the earlier labels
+        assert import_feedback(run, first, other).repeated == [(1, "first.geojson line 1")]
+        assert len(other.latest("superpixel")) == done.superpixels
 
 
 def test_a_report_on_a_scene_not_scanned_yet_says_so(run, region, tmp_path):

@@ -83,6 +83,17 @@ def test_margin_picks_are_nearest_the_models_threshold(classifier, pool):
     assert set(chosen) != set(np.argsort(np.abs(probs - 0.5))[:15])
 
 
+def test_stratified_takes_one_pick_from_each_score_stratum(classifier, pool):
+    probs = classifier.predict_proba(pool)
+    picks = suggest(classifier, pool, 12, "stratified", seed=5)
+    rank = np.empty(len(pool), int)
+    rank[np.argsort(-probs, kind="stable")] = np.arange(len(pool))
+    assert [int(rank[s.index]) // 10 for s in picks] == list(range(12))  # 120 ranks, 12 strata of 10, top first
+    assert [s.probability for s in picks] == pytest.approx(probs[[s.index for s in picks]].tolist())
+    other = suggest(classifier, pool, 12, "stratified", seed=6)
+    assert [s.index for s in other] != [s.index for s in picks]  # drawn within the strata, by the seed
+
+
 def test_a_bundle_brings_its_own_threshold(classifier, pool):
     meta = ModelMetadata(
         embedder="synthetic", embedder_version="0", embedder_params={}, dim=DIM, threshold=0.7, target_precision=0.9
@@ -150,7 +161,7 @@ def test_empty_pool_is_refused(classifier):
 def test_unknown_strategy_is_refused_with_the_choices(classifier, pool):
     with pytest.raises(ConfigError) as exc:
         suggest(classifier, pool, 5, "entropy")
-    assert "margin, typical, mix, random" in one_line(exc)
+    assert "margin, typical, mix, stratified, random" in one_line(exc)
 
 
 @pytest.mark.parametrize(

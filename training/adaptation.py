@@ -1,6 +1,7 @@
 """Region adaptation, measured: what a few labels of a new area win back, by how they were picked.
 
-    python training/adaptation.py [--seeds 0,1,2] [--budgets 10,20,50] [--jobs 2] [--data DIR] [--out DIR]
+    python training/adaptation.py [--seeds 0,1,2] [--budgets 10,20,50] [--strategies margin,...]
+        [--area-min-per-class 1] [--jobs 2] [--data DIR] [--out DIR]
 
 A model trained in one area loses precision in the next (the README's spatial-lon column). This
 simulates a user in a new area with the shared data only. For each of the 5 longitude bands of
@@ -9,8 +10,8 @@ at the positive groups' quantiles):
 
 1. train on the other 4 bands exactly as ``train_default_model.py`` trains the default model
    (its embedder, ``fit_with_threshold`` at its ``TARGET_PRECISION``);
-2. let each ``suggest`` strategy (margin, typical, mix, random) pick 10, 20 and 50 superpixels of
-   the held-out band, and reveal their labels;
+2. let each ``suggest`` strategy (margin, typical, mix, stratified, random) pick 10, 20 and 50
+   superpixels of the held-out band, and reveal their labels;
 3. retrain on the 4 bands plus the picks, the same way, and score the *rest* of the band (the
    band less the picks) at the new model's threshold.
 
@@ -23,22 +24,23 @@ Threshold recalibration, the other lever: the picks are labelled superpixels of 
 they can move the threshold too. Three thresholds are scored on the same rest:
 - ``trained``: the retrained model's own threshold, picked on grouped out-of-fold probabilities of
   all its training crops (what ``fit_with_threshold`` gives the retrained model);
-- ``picks``: the retrained model, threshold re-chosen by the same rule (``choose_threshold`` at the
-  target precision) on the picks' out-of-fold probabilities alone, when the picks hold both
-  classes (else ``trained``);
+- ``picks``: the retrained model, threshold re-chosen on the picks' out-of-fold probabilities alone
+  by ``area_threshold`` (``choose_threshold``'s rule at the target precision, when the picks hold
+  at least ``AREA_MIN_PER_CLASS`` of each class; else ``trained``). This is what ``retrain`` ships;
 - ``picks, no retrain``: the 0-label model, threshold re-chosen on its probabilities of the picks,
   which it never saw (the cheapest adaptation: no retraining at all).
 
 Metrics are pooled over the bands, as in the README's spatial columns (the confusion counts of all
 bands' rests are added up, then F1, precision and recall taken), then averaged over seeds;
 ``band-mean F1`` averages per-band F1 instead. The default strategy of ``suggest`` is the one with
-the best pooled F1 after retraining at the trained threshold, averaged over the budgets.
+the best pooled F1 of what ``retrain`` ships (the ``picks`` threshold), averaged over the budgets.
 
 Writes ``adaptation.json`` (every band × seed × strategy × budget with its picks and confusion
 counts) and ``adaptation.md`` (the table) into ``--out``. Embeddings come from the cache; the
 first run embeds the 860 crops (see ``evaluate_embedders.py``). With cached embeddings, 3 seeds and
-``--jobs 2`` took 26 min on 2 cores shared with other work (load 4-7): 183 retrains, each a
-``fit_with_threshold`` on 420-830 crops, 14 s median (5-48 s).
+``--jobs 2`` took 13 min on an otherwise idle 2-core machine (5 strategies: 15 fits without picks
+and 210 with, each a ``fit_with_threshold`` on 420-830 crops; 26 min for 4 strategies at load 4-7
+before).
 """
 
 from __future__ import annotations
@@ -64,10 +66,9 @@ from amber_hunter.learn.dataset import load_dataset
 from amber_hunter.learn.evaluate import spatial_folds
 from amber_hunter.learn.suggest import STRATEGIES, suggest
 from amber_hunter.model.classify import (
-    choose_threshold,
-    fit_classifier,
-    fit_with_threshold,
-    grouped_splits,
+    AREA_MIN_PER_CLASS,
+    area_threshold,
+    fit_with_oof,
 )
 from amber_hunter.model.embed import cnn_blocks, get_embedder
 
@@ -107,25 +108,10 @@ def _init(data_dir: Path | None) -> None:
 
 
 def train(d: Data, rows: np.ndarray, seed: int):
-    """``fit_with_threshold`` step for step (same folds, fits and rule), also returning the grouped
-    out-of-fold probabilities of ``rows``, which the ``picks`` threshold needs; ``check_training``
-    asserts both give the same model."""
-    x, y, g = d.features[rows], d.labels[rows], d.groups[rows]
-    oof = np.zeros(len(rows), np.float32)
-    for tr, te in grouped_splits(y, g, 5, seed):
-        oof[te] = fit_classifier(x[tr], y[tr], g[tr], d.blocks, seed).predict_proba(x[te])
-    choice = choose_threshold(y, oof, TARGET_PRECISION)
-    return fit_classifier(x, y, g, d.blocks, seed), choice.threshold, oof
-
-
-def check_training(d: Data) -> None:
-    """Fail loudly if ``train`` ever drifts from how the project trains (one extra fit)."""
-    rows, test = d.folds[BANDS - 1]
-    clf, threshold, _ = train(d, rows, 0)
-    ref, choice = fit_with_threshold(d.features[rows], d.labels[rows], d.groups[rows], d.blocks, TARGET_PRECISION, 0)
-    same = np.array_equal(clf.predict_proba(d.features[test]), ref.predict_proba(d.features[test]))
-    if threshold != choice.threshold or not same:
-        raise SystemExit("adaptation.train no longer matches fit_with_threshold; update it")
+    """``fit_with_oof`` on ``rows``, as ``train`` and ``retrain`` fit: the classifier, its
+    threshold and the grouped out-of-fold probabilities of ``rows`` (the ``picks`` threshold)."""
+    clf, choice, oof = fit_with_oof(d.features[rows], d.labels[rows], d.groups[rows], d.blocks, TARGET_PRECISION, seed)
+    return clf, choice.threshold, oof
 
 
 def counts(labels: np.ndarray, probs: np.ndarray, threshold: float) -> list[int]:
@@ -139,14 +125,14 @@ def counts(labels: np.ndarray, probs: np.ndarray, threshold: float) -> list[int]
     ]
 
 
-def recalibrated(labels: np.ndarray, probs: np.ndarray, fallback: float) -> float:
-    """The target-precision threshold on the picks, when they hold both classes."""
-    if len(set(labels.tolist())) < 2:
-        return fallback
-    return choose_threshold(labels, probs, TARGET_PRECISION).threshold
+def recalibrated(labels: np.ndarray, probs: np.ndarray, fallback: float, min_per_class: int) -> float:
+    """The threshold ``retrain`` ships, re-chosen on the picks by ``area_threshold`` when they hold
+    ``min_per_class`` of each class, else ``fallback``."""
+    choice = area_threshold(labels, probs, TARGET_PRECISION, min_per_class)
+    return fallback if choice is None else choice.threshold
 
 
-def run_band(band: int, seed: int, budgets: list[int]) -> list[dict]:
+def run_band(band: int, seed: int, budgets: list[int], strategies: list[str], min_per_class: int) -> list[dict]:
     """Every strategy and budget on one held-out band with one seed."""
     d = _DATA
     train_rows, pool = d.folds[band]
@@ -170,7 +156,7 @@ def run_band(band: int, seed: int, budgets: list[int]) -> list[dict]:
         if n >= len(pool):
             print(f"band {band} seed {seed}: {n} labels skipped, the band holds {len(pool)}", flush=True)
             continue
-        for strategy in STRATEGIES:
+        for strategy in strategies:
             start = time.perf_counter()
             local = np.array([s.index for s in suggest(clf0, d.features[pool], n, strategy, threshold=t0, seed=seed)])
             keep = np.ones(len(pool), bool)
@@ -179,8 +165,8 @@ def run_band(band: int, seed: int, budgets: list[int]) -> list[dict]:
             rows = np.concatenate([train_rows, picked])
             clf1, t1, oof = train(d, rows, seed)
             p1 = clf1.predict_proba(d.features[rest])
-            t_picks = recalibrated(y[picked], oof[len(train_rows) :], t1)
-            t_old = recalibrated(y[picked], p0[local], t0)
+            t_picks = recalibrated(y[picked], oof[len(train_rows) :], t1, min_per_class)
+            t_old = recalibrated(y[picked], p0[local], t0, min_per_class)
             p_rest0 = p0[keep]
             out.append(
                 {
@@ -223,10 +209,10 @@ def f1(c) -> float:
     return prf(c)[2]
 
 
-def summarise(records: list[dict], seeds: list[int], budgets: list[int]) -> list[dict]:
+def summarise(records: list[dict], seeds: list[int], budgets: list[int], strategies: list[str]) -> list[dict]:
     """One row per (budget, strategy): pooled-over-bands metrics per seed, averaged over seeds."""
     rows = []
-    keys = [(0, "none")] + [(n, s) for n in budgets for s in STRATEGIES]
+    keys = [(0, "none")] + [(n, s) for n in budgets for s in strategies]
     for n, strategy in keys:
         mine = [r for r in records if r["n"] == n and r["strategy"] == strategy]
         if not mine:
@@ -254,13 +240,13 @@ def summarise(records: list[dict], seeds: list[int], budgets: list[int]) -> list
     return rows
 
 
-def best_strategies(summary: list[dict]) -> dict[str, str]:
+def best_strategies(summary: list[dict], strategies: list[str]) -> dict[str, str]:
     """Per threshold variant, the strategy with the best pooled F1 averaged over the budgets. The
-    default of ``suggest`` is the one for ``trained``: the threshold a retrained model ships with."""
+    default of ``suggest`` is the one for ``picks``: the threshold a retrained model ships with."""
     best = {}
     for v in THRESHOLDS:
-        score = {s: np.mean([r[v]["f1"] for r in summary if r["strategy"] == s]) for s in STRATEGIES}
-        best[v] = max(STRATEGIES, key=lambda s: score[s])
+        score = {s: np.mean([r[v]["f1"] for r in summary if r["strategy"] == s]) for s in strategies}
+        best[v] = max(strategies, key=lambda s: score[s])
     return best
 
 
@@ -292,9 +278,10 @@ def markdown(report: dict) -> str:
         f"{', '.join(map(str, report['seeds']))}; F1, precision and recall pooled over the held-out bands' rests, "
         f"band-mean F1 averaged per band. Bands: {bands} crops (positives). A budget that would take a whole "
         "band skips it. ΔF1 is against the 0-label model on the same rest: the rests differ by strategy.\n"
-        f"\nBest strategy over the budgets: **{report['default_strategy']}** at the retrained model's threshold "
-        f"(the default); {best['picks']} with the threshold re-chosen on the picks; "
-        f"{best['picks, no retrain']} without retraining.\n"
+        f"\nBest strategy over the budgets: **{report['default_strategy']}** with the threshold re-chosen on the "
+        f"picks (what retrain ships; the default), {best['trained']} at the retrained model's own threshold, "
+        f"{best['picks, no retrain']} without retraining. The picks' threshold needs "
+        f"{report['area_min_per_class']} of each class among them.\n"
     )
 
 
@@ -303,11 +290,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="labelled folder (default: the texty dataset)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated; at least 3 for the README")
     parser.add_argument("--budgets", default="10,20,50", help="labels picked per band, comma-separated")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="suggest strategies, comma-separated")
+    parser.add_argument("--area-min-per-class", type=int, default=AREA_MIN_PER_CLASS,
+                        help="labels of each class the picks need to move the threshold (retrain's rule: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one band and seed each)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
     budgets = [int(b) for b in args.budgets.split(",") if b]
+    strategies = [s for s in args.strategies.split(",") if s]
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     start = time.perf_counter()
     _init(args.data)
     d = _DATA
@@ -316,22 +310,22 @@ def main() -> None:
         + ", ".join(f"{len(te)} crops ({int(d.labels[te].sum())} positive)" for _, te in d.folds),
         flush=True,
     )
-    check_training(d)
-    print(f"train() matches fit_with_threshold ({time.perf_counter() - start:.0f} s)", flush=True)
-    tasks = [(band, seed, budgets) for seed in seeds for band in range(BANDS)]
+    tasks = [(band, seed, budgets, strategies, args.area_min_per_class) for seed in seeds for band in range(BANDS)]
     # spawn, not fork: the parent has run XGBoost already, and forked OpenMP state is unsafe.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, context, initializer=_init, initargs=(args.data,)) as pool:
         records = [r for rs in pool.map(run_band, *zip(*tasks)) for r in rs]
-    summary = summarise(records, seeds, budgets)
-    best = best_strategies(summary)
-    default = best["trained"]
+    summary = summarise(records, seeds, budgets, strategies)
+    best = best_strategies(summary, strategies)
+    default = best["picks"]
     seconds = round(time.perf_counter() - start)
     report = {
         "embedder": EMBEDDER,
         "target_precision": TARGET_PRECISION,
+        "area_min_per_class": args.area_min_per_class,
         "seeds": seeds,
         "budgets": budgets,
+        "strategies": strategies,
         "bands": [
             {"band": b, "n": len(te), "n_positive": int(d.labels[te].sum())} for b, (_, te) in enumerate(d.folds)
         ],

@@ -63,6 +63,8 @@ def feedback_import(run_dir, file, labels_store):
     for r in done.rows:
         if not r.matched:
             click.echo(f"  line {r.line}: {r.reason}")
+    for line, where in done.repeated:
+        click.echo(f"  line {line}: already imported ({where}); skipped")
     for b in done.bad:
         click.echo(f"  {b.reason}", err=True)
     if touched:
@@ -88,6 +90,9 @@ def feedback_list(run_dir):
     for v in versions:
         after = v.changes.get("after")
         figures = f", grouped OOF precision {after['precision']:.3f} recall {after['recall']:.3f}" if after else ""
+        if v.changes.get("threshold") is not None:
+            where = "the run's own labels" if v.changes.get("threshold_from") == "area" else "the training set"
+            figures += f", threshold {v.changes['threshold']:.3f} (chosen on {where})"
         dropped = v.changes.get("dropped_positives") or []
         click.echo(f"v{v.version}{' (current)' if v.current else ''}: {v.changes.get('what', 'retrained')}"
                    f"{'' if v.parent is None else f' from v{v.parent}'}{figures}"
@@ -102,8 +107,11 @@ def feedback_list(run_dir):
               help="Label store (default: the one explore and feedback import use).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Embedding cache (default: user cache dir).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threshold", "threshold_from", type=click.Choice(["area", "training"]), default="area",
+              show_default=True, help="Choose the threshold on this run's own labelled superpixels when there are "
+              "enough (area; readers' reports do not count), or on the whole training set (training).")
 @progress_every_option
-def retrain(run_dir, data, labels_store, cache_dir, seed, progress_every):
+def retrain(run_dir, data, labels_store, cache_dir, seed, threshold_from, progress_every):
     """Train the next model version of RUN_DIR on its training data, every label and the feedback;
     rescore the run from its stored embeddings (no tile is fetched) and write the diff."""
     from ..feedback.retrain import retrain as run_retrain
@@ -112,12 +120,22 @@ def retrain(run_dir, data, labels_store, cache_dir, seed, progress_every):
     with LabelStore(Path(labels_store) if labels_store else default_label_store()) as labels, \
             Progress("retrain", progress_every, "reading the run and the crops") as progress:
         report = run_retrain(run_dir, data=list(data) or None, labels=labels, cache_dir=cache_dir, seed=seed,
-                             progress=progress.items("embedding", "crop", then="fitting, measuring, rescoring the run"))
+                             threshold=threshold_from, progress=progress.items("embedding", "crop", then="fitting, measuring, rescoring the run"))
     b, a = report.before, report.after
     click.echo(f"v{report.version} from v{report.parent}: {report.crops} crops + {report.run_superpixels} run "
                f"superpixels ({report.positives} positive, {report.negatives} negative)")
     click.echo(f"grouped out-of-fold: precision {b.precision:.3f} -> {a.precision:.3f}, recall {b.recall:.3f} -> "
                f"{a.recall:.3f}, F1 {b.f1:.3f} -> {a.f1:.3f}; threshold {a.threshold:.3f}")
+    if report.area is not None:
+        c = report.area
+        click.echo(f"threshold re-chosen on this run's {report.area_labels} labelled superpixels: {c.threshold:.3f} "
+                   f"(out-of-fold on them: precision {c.precision:.3f}, recall {c.recall:.3f}); the new version uses it")
+    elif threshold_from == "area":
+        from ..model.classify import AREA_MIN_LABELS, AREA_MIN_PER_CLASS
+
+        click.echo(f"the threshold stays the training set's {a.threshold:.3f}: choosing it on this run's own labels "
+                   f"needs {AREA_MIN_LABELS} labelled in explore or imported, with {AREA_MIN_PER_CLASS} of each class "
+                   f"(it has {report.area_labels}; readers' reports do not count)")
     if report.feedback_right:
         click.echo(f"feedback superpixels called right: {report.feedback_right[0]:.0%} -> {report.feedback_right[1]:.0%} "
                    "(the new model has trained on them)")
@@ -160,8 +178,9 @@ def rollback(run_dir, version):
 @click.option("--pool", "pool_path", required=True, type=click.Path(exists=True, file_okay=False),
               help="A flat folder of unlabelled superpixel crops, or a scanned run directory.")
 @click.option("-n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="How many to suggest.")
-@click.option("--strategy", type=click.Choice(["margin", "typical", "mix", "random"]), default="random",
-              show_default=True, help="How to pick; random was best in training/adaptation.py (README).")
+@click.option("--strategy", type=click.Choice(["margin", "typical", "mix", "stratified", "random"]),
+              default="stratified", show_default=True,
+              help="How to pick; stratified was best in training/adaptation.py (README).")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Write the picks as a labels CSV (path,label,source,note) with the label left empty.")
 @click.option("--labels", "labels_store", type=click.Path(dir_okay=False),

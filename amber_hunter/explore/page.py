@@ -154,7 +154,7 @@ button {{ margin: 2px; }}
   </div>
   <div id="legend"></div>
   <div class="labelling"><button id="suggest">suggest 20 to label</button>
-    <span class="note">unlabelled superpixels picked by <code>amber-hunter suggest</code>'s default (random: best in
+    <span class="note">unlabelled superpixels picked by <code>amber-hunter suggest</code>'s default (stratified: best in
     training/adaptation.py); they become the selection</span></div>
   <div id="selection"><span id="selcount"></span>
     <span class="labelling"><button id="sel-mining">label the selection: mining</button>

@@ -106,17 +106,18 @@ class ExploreApp:
                 self._pictures.popitem(last=False)
         return data
 
-    def suggest(self, n: int, strategy: str) -> list[int]:
-        """The ``n`` unlabelled points most worth labelling next (``learn.suggest``): on a run,
-        superpixels nobody has labelled; on a dataset, crops the label store has no label for."""
-        from ..learn.suggest import suggest
+    def suggest(self, n: int, strategy: str | None = None) -> list[int]:
+        """The ``n`` unlabelled points most worth labelling next (``learn.suggest``, by its default
+        strategy unless one is named): on a run, superpixels nobody has labelled; on a dataset,
+        crops the label store has no label for."""
+        from ..learn.suggest import DEFAULT_STRATEGY, suggest
 
         labels, origins = self.labels()
         pool = [i for i, (text, origin) in enumerate(zip(labels, origins)) if origin != "label store"
                 and (self.points.kind == "dataset" or text == "unlabelled")]
         if not pool:
             return []
-        picks = suggest(self.points.bundle, self.points.features[pool], n, strategy)
+        picks = suggest(self.points.bundle, self.points.features[pool], n, strategy or DEFAULT_STRATEGY)
         return [pool[p.index] for p in picks]
 
     def _embedder(self):
@@ -229,7 +230,7 @@ def _handler(app: ExploreApp):
                 return self._json(app.point(i)) if i is not None else self._not_found()
             if path == "/api/suggest":
                 query = parse_qs(url.query)
-                n, strategy = query.get("n", ["20"])[0], query.get("strategy", ["random"])[0]
+                n, strategy = query.get("n", ["20"])[0], query.get("strategy", [None])[0]
                 if not n.isdigit() or not 0 < int(n) <= 500:
                     return self._json({"error": "n must be 1 to 500"}, 400)
                 try:

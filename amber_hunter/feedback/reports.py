@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +57,15 @@ class BadLine:
 
 @dataclass(frozen=True)
 class FeedbackImport:
-    """What an import did: the reports with what each touched, and the lines it could not read."""
+    """What an import did: the reports with what each touched, the lines it could not read, and
+    the reports the run already had matched (same verdict, note and geometry), which are skipped
+    so that importing a file twice neither lists nor weighs a report twice. A report that touched
+    nothing before is matched again: its scene may have been scanned since."""
 
     rows: list[FeedbackRow]
     bad: list[BadLine]
+    #: ``(line, "FILE line N")``: a report of this file and where the run already had it.
+    repeated: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def superpixels(self) -> int:
@@ -223,6 +228,14 @@ def import_feedback(run_dir: str | Path, file: str | Path, labels: LabelStore) -
     reports, bad = read_reports(file)
     run_dir = Path(run_dir).resolve()
     with RunStore(run_dir) as store:
+        known = {_same(r.verdict, r.note, r.geometry): r for r in store.feedback() if r.matched}
+        earlier = [(r, known.get(_same(r.verdict, r.note, r.geometry))) for r in reports]
+        repeated = [(r.line, f"{k.file} line {k.line}") for r, k in earlier if k is not None]
+        reports = [r for r, k in earlier if k is None]
+        # A label store that lacks an earlier import's labels (another --labels) still gets them.
+        missing = [(key, VERDICTS[k.verdict], f"feedback {k.file} line {k.line}" + (f": {k.note}" if k.note else ""))
+                   for _, k in earlier if k is not None for scene_id, label in k.matched
+                   if labels.get(key := SuperpixelKey.of(run_dir, scene_id, label)) is None]
         slic = load_bundle(resolve_model(store.config.model)).slic_params()
         scenes = list(store.scenes())
         cache: dict[str, Resegmented] = {}
@@ -236,7 +249,19 @@ def import_feedback(run_dir: str | Path, file: str | Path, labels: LabelStore) -
         items = [(SuperpixelKey.of(run_dir, scene_id, label), VERDICTS[row.verdict],
                   f"feedback {Path(file).name} line {row.line}" + (f": {row.note}" if row.note else ""))
                  for row in rows for scene_id, label in row.matched]
-        if items:
-            labels.add_many(items, source="feedback")
-        store.add_feedback(rows)
-    return FeedbackImport(rows, bad)
+        if items or missing:
+            labels.add_many(items + missing, source="feedback")
+        if rows:
+            store.add_feedback(rows)
+    return FeedbackImport(rows, bad, repeated)
+
+
+def _same(verdict: str, note: str | None, geometry: dict | None) -> str:
+    """What makes two reports the same report, whatever file or line they came from (a GeoJSON
+    point written ``[12, 50]`` is the CSV's ``12.0,50.0``)."""
+
+    def floats(value):
+        return [floats(v) for v in value] if isinstance(value, list) else float(value)
+
+    shape = None if geometry is None else {"type": geometry["type"], "coordinates": floats(geometry["coordinates"])}
+    return json.dumps([verdict, note or None, shape], sort_keys=True)
