@@ -13,7 +13,7 @@ import pytest
 from bundle_damage import edit_model_json, truncate_xgb_json
 
 from amber_hunter import atomic
-from amber_hunter.errors import ModelBundleError
+from amber_hunter.errors import ConfigError, ModelBundleError
 from amber_hunter.learn.cache import embed_files
 from amber_hunter.learn.dataset import load_dataset
 from amber_hunter.model.classify import (
@@ -283,12 +283,17 @@ def test_choose_threshold_falls_back_to_best_f1():
     assert (choice.precision, choice.recall) == (pytest.approx(0.6), 1.0)
 
 
-def test_area_threshold_needs_enough_of_each_class_then_follows_the_same_rule():
+def test_area_threshold_needs_enough_labels_of_each_class_then_follows_the_same_rule():
     labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
     probs = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
-    assert area_threshold(labels, probs, 0.95, min_per_class=4) == choose_threshold(labels, probs, 0.95)
-    assert area_threshold(labels, probs, 0.95, min_per_class=5) is None
-    assert area_threshold(labels[labels == 1], probs[labels == 1], 0.95, min_per_class=1) is None  # one class only
+    same = choose_threshold(labels, probs, 0.95)
+    assert area_threshold(labels, probs, 0.95, min_per_class=4, min_labels=8) == same
+    assert area_threshold(labels, probs, 0.95, min_per_class=5, min_labels=8) is None
+    assert area_threshold(labels, probs, 0.95, min_per_class=1, min_labels=9) is None  # too few in all
+    assert area_threshold(labels, probs, 0.95) is None  # the defaults: 10 labels at least
+    assert area_threshold(labels[labels == 1], probs[labels == 1], 0.95, min_labels=1) is None  # one class only
+    with pytest.raises(ConfigError, match="min_per_class 0: a threshold needs at least 1 label of each class"):
+        area_threshold(labels, probs, 0.95, min_per_class=0)
 
 
 # --- the detector on a bundle -------------------------------------------------------------------
