@@ -233,7 +233,7 @@ def import_feedback(run_dir: str | Path, file: str | Path, labels: LabelStore) -
         repeated = [(r.line, f"{k.file} line {k.line}") for r, k in earlier if k is not None]
         reports = [r for r, k in earlier if k is None]
         # A label store that lacks an earlier import's labels (another --labels) still gets them.
-        missing = [(key, VERDICTS[k.verdict], f"feedback {k.file} line {k.line}" + (f": {k.note}" if k.note else ""))
+        missing = [(key, VERDICTS[k.verdict], _label_note(k.file, k.line, k.note))
                    for _, k in earlier if k is not None for scene_id, label in k.matched
                    if labels.get(key := SuperpixelKey.of(run_dir, scene_id, label)) is None]
         slic = load_bundle(resolve_model(store.config.model)).slic_params()
@@ -247,13 +247,18 @@ def import_feedback(run_dir: str | Path, file: str | Path, labels: LabelStore) -
 
         rows = [dataclasses.replace(match_report(store, scenes, r, segment), file=Path(file).name) for r in reports]
         items = [(SuperpixelKey.of(run_dir, scene_id, label), VERDICTS[row.verdict],
-                  f"feedback {Path(file).name} line {row.line}" + (f": {row.note}" if row.note else ""))
+                  _label_note(row.file, row.line, row.note))
                  for row in rows for scene_id, label in row.matched]
         if items or missing:
             labels.add_many(items + missing, source="feedback")
         if rows:
             store.add_feedback(rows)
     return FeedbackImport(rows, bad, repeated)
+
+
+def _label_note(file: str, line: int, note: str | None) -> str:
+    """The label store's note for a superpixel labelled by a report: where the report came from."""
+    return f"feedback {file} line {line}" + (f": {note}" if note else "")
 
 
 def _same(verdict: str, note: str | None, geometry: dict | None) -> str:

@@ -188,6 +188,7 @@ def retrain(run_dir: str | Path, *, data=None, labels: LabelStore | None = None,
     local = area_threshold(run_labels[chosen], run_oof[chosen], target) if threshold == "area" else None
     area = None if local is None else _figures(local)
     shipped = choice.threshold if local is None else local.threshold
+    threshold_from, area_labels = "training" if local is None else "area", int(chosen.sum())
     kept = [h for h, k in zip(hashes, keep) if k]
     data_hash = hashlib.sha256("\n".join(
         [f"{h}:{y}" for h, y in zip(kept, new_labels[keep])] +
@@ -195,15 +196,15 @@ def retrain(run_dir: str | Path, *, data=None, labels: LabelStore | None = None,
     changes = {"parent": parent_version.version, "crops": int(keep.sum()), "run_superpixels": len(run_rows),
                "dropped_positives": dropped, "relabelled_crops": int((new_labels != old_labels).sum()),
                "feedback_reports": len(feedback), "before": asdict(before), "after": asdict(after),
-               "area": None if area is None else asdict(area), "area_labels": int(chosen.sum()),
-               "threshold": shipped, "threshold_from": "training" if area is None else "area"}
+               "area": None if area is None else asdict(area), "area_labels": area_labels,
+               "threshold": shipped, "threshold_from": threshold_from}
     metadata = replace(parent.metadata, threshold=shipped, training={
         **parent.metadata.training, "sources": [str(s) for s in sources], "data_hash": data_hash,
         "parent_version": parent_version.version, "seed": seed, "retrain": changes},
         metrics={"oof_precision": after.precision, "oof_recall": after.recall,
-                 "met_target_precision": after.precision >= target, "threshold_from": changes["threshold_from"],
+                 "met_target_precision": after.precision >= target, "threshold_from": threshold_from,
                  **({} if area is None else {"area_oof_precision": area.precision, "area_oof_recall": area.recall,
-                                             "area_labels": int(chosen.sum())})})
+                                             "area_labels": area_labels})})
     bundle = ModelBundle(metadata, classifier)
     save_bundle(bundle, folder)
 
@@ -217,5 +218,4 @@ def retrain(run_dir: str | Path, *, data=None, labels: LabelStore | None = None,
                            time.time(), True)
     diff = rescore_run(run_dir, folder, version=version)
     return RetrainReport(n, parent_version.version, int(keep.sum()), positives, negatives, len(run_rows), dropped,
-                         before, after, feedback_right, diff, area, changes["threshold_from"],
-                         changes["area_labels"])
+                         before, after, feedback_right, diff, area, threshold_from, area_labels)

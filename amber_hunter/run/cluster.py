@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from ..errors import AmberHunterError, ClusterError, ConfigError, RunAbortError
 from ..geo.tiles import Area
 from ..sources import CachedTileSource, TileSource
-from .config import RunConfig, model_hash
+from .config import MAX_WORKERS, RunConfig, model_hash
 from .scenes import cell_from_id, fetch_scene, scene_error
 from .store import SceneRecord
 
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for the scheduler's answer: a wrong address must fail well within 10 s.
 CONNECT_TIMEOUT = 8
-#: Worker processes a ``local:N`` cluster may start (as for ``--workers``).
-MAX_LOCAL_WORKERS = 64
 #: Runs whose tile source and detector a worker process keeps loaded at once (two drivers may
 #: share a cluster); the least recently used one is dropped beyond that.
 MAX_RUNS_PER_WORKER = 2
@@ -64,8 +62,8 @@ def local_workers(address: str) -> int | None:
     fails before a run directory exists."""
     if (match := _LOCAL.fullmatch(address)) is not None:
         n = int(match.group(1))
-        if not 1 <= n <= MAX_LOCAL_WORKERS:
-            raise ConfigError(f"--cluster {address}: a local cluster has 1 to {MAX_LOCAL_WORKERS} worker processes; "
+        if not 1 <= n <= MAX_WORKERS:  # as for --workers
+            raise ConfigError(f"--cluster {address}: a local cluster has 1 to {MAX_WORKERS} worker processes; "
                               "use e.g. --cluster local:2")
         return n
     if (match := _TCP.fullmatch(address)) is None or not 1 <= int(match.group(1)) <= 65535:
@@ -183,14 +181,14 @@ def _tools(setup: WorkerSetup) -> tuple[TileSource, Detector]:
 def process_scene(scene_id: str, setup: WorkerSetup) -> SceneRecord:
     """One scene, fetched and analysed on a worker exactly as a local scan does it, with the time
     of each stage."""
-    from .scan import finish_batch, prepare_fetched  # here, so that scan.py may import this module at its top
+    from .scan import finish_one, prepare_fetched  # here, so that scan.py may import this module at its top
 
     source, detector = _tools(setup)
     config = setup.config
     fetched = fetch_scene(cell_from_id(scene_id), source, tile_size=config.tile_size)
     outcome = prepare_fetched(fetched, detector, config.model_hash, tile_size=config.tile_size,
                               min_valid=config.min_valid)
-    return outcome.record or finish_batch([outcome], detector, config.model_hash)[0]
+    return finish_one(outcome, detector, config.model_hash)
 
 
 # --- driver side -------------------------------------------------------------------------------

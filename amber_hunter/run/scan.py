@@ -254,7 +254,11 @@ def analyse(scene: Scene, detector, model: str | None = None, timings: StageTime
     Any error while detecting fails this scene only, with its reason recorded: one odd scene must
     not stop a night's run. Whole-run failures (:class:`RunAbortError`) still stop it.
     """
-    outcome = prepare_loaded(scene, detector, model, timings or StageTimes())
+    return finish_one(prepare_loaded(scene, detector, model, timings or StageTimes()), detector, model)
+
+
+def finish_one(outcome: Outcome, detector, model: str | None) -> SceneRecord:
+    """The record of one prepared scene: its own when preparing ended it, else after its CNN."""
     return outcome.record or finish_batch([outcome], detector, model)[0]
 
 

@@ -81,7 +81,6 @@ BATCH_BYTES = 16 * 2**20
 #: ``scenes.shard`` of a scene whose vectors are staged in run.sqlite, not yet in a shard file.
 _STAGED = 0
 #: Stages a scan times per scene (see :class:`StageTimes`).
-STAGES = ("fetch", "decode", "slic", "embed", "classify", "store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS scenes (
@@ -205,6 +204,12 @@ class StageTimes:
     embed: float = 0.0
     classify: float = 0.0
     store: float = 0.0
+
+
+#: The shards some scene's embeddings are in: shards no scene points to any more are not read.
+_LIVE_SHARDS = "shard IN (SELECT DISTINCT shard FROM scenes WHERE shard > 0)"
+#: The stages, in the order of ``StageTimes``'s fields (and of the sessions table's columns).
+STAGES = tuple(f.name for f in dataclasses.fields(StageTimes))
 
 
 @dataclass(frozen=True)
@@ -874,16 +879,14 @@ class RunStore:
         """The embedders of the run's current embeddings, with their widths (empty: none stored)."""
         with self._guard("read the embedders"):
             rows = self._db.execute(
-                "SELECT embedder, dim FROM shards WHERE shard IN (SELECT DISTINCT shard FROM scenes WHERE shard > 0) "
-                "UNION SELECT embedder, dim FROM staged").fetchall()
+                f"SELECT embedder, dim FROM shards WHERE {_LIVE_SHARDS} UNION SELECT embedder, dim FROM staged").fetchall()
         return dict(rows)
 
     def embedding_rows(self) -> int:
         """At most how many embeddings :meth:`embedding_batches` yields (rows of shards that a
         scene recorded again left behind are counted here, not yielded there)."""
         with self._guard("count the embeddings"):
-            in_shards = self._db.execute("SELECT COALESCE(SUM(rows), 0) FROM shards WHERE shard IN "
-                                         "(SELECT DISTINCT shard FROM scenes WHERE shard > 0)").fetchone()[0]
+            in_shards = self._db.execute(f"SELECT COALESCE(SUM(rows), 0) FROM shards WHERE {_LIVE_SHARDS}").fetchone()[0]
             staged = self._db.execute("SELECT COALESCE(SUM(LENGTH(labels)), 0) / 4 FROM staged").fetchone()[0]
         return in_shards + staged
 
@@ -895,8 +898,8 @@ class RunStore:
         import pyarrow.parquet as pq
 
         with self._guard("read the embeddings shards"):
-            shards = self._db.execute("SELECT shard, embedder, dim FROM shards WHERE shard IN "
-                                      "(SELECT DISTINCT shard FROM scenes WHERE shard > 0) ORDER BY shard").fetchall()
+            shards = self._db.execute(f"SELECT shard, embedder, dim FROM shards WHERE {_LIVE_SHARDS} "
+                                      "ORDER BY shard").fetchall()
         for shard, embedder, dim in shards:
             path = self.shard_path(shard)
             with self._guard(f"read {path.name}"):
