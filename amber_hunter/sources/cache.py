@@ -435,6 +435,7 @@ class CachedTileSource(TileSource):
         else:
             nbytes = disk_bytes(len(result.data)) + (disk_bytes(len(date)) if date else 0)
         try:
+            column.mkdir(parents=True, exist_ok=True)
             self._index.ready()
             if result.status == "missing":
                 atomic.write_bytes(missing_path, b"")
