@@ -32,23 +32,24 @@ so the ratio holds even though the machine is shared:
   - ``looser``: the scan's model with its threshold lowered until 5 % of the superpixels the scan
     called negative become positive, a bigger change than a feedback retrain usually makes.
 
-  A rescore segments a scene again from the stored tiles (SLIC, as the scan did) when it gains a
-  positive superpixel (for its outline) and when it is flagged afterwards with other positives
-  than before (for its map picture); the profile round counts those scenes. Every rescore must
+  A rescore reads a scene's stored SLIC label map when it gains a positive superpixel, for its
+  outline (a run scanned before label maps were stored segments it again from the tiles; the
+  profile round counts both); it draws no map picture (``map.html`` draws pictures from the tiles
+  when it is written). Every rescore must
   make no tile request (the server's count is checked) and decide as expected: ``same`` changes
   nothing, ``retrained`` makes the retrain's own diff, ``looser`` only adds.
 * **Memory.** RSS of this process is sampled from ``/proc/self/status`` every 10 ms during each
   rescore; the peak minus the RSS just before is recorded (a lower bound: the process reuses heap
-  freed by the scan and earlier rounds). ``rescore_run`` reads every stored embedding at once, so
-  what it holds grows with the run: the float32 vectors per scene are projected instead.
+  freed by the scan and earlier rounds). ``rescore_run`` streams the shards batch by batch and
+  keeps 12 bytes a superpixel; the float32 vectors per scene are projected too, for comparison.
 * **Profile.** One extra round of each model runs under ``cProfile`` (not counted in the times):
   the share of the rescore spent reading the Parquet shards, predicting, reading the scene rows,
-  segmenting again, committing and writing the diff.
+  reading label maps, outlining new positives, committing and writing the diff.
 * **Projection to 450,000 scenes** (the study's count): rescore seconds per scene x 450,000 (the
   fixed costs, model load and the v1 copy, are spread over the scenes, so it errs high), the
-  embeddings' bytes on disk per scene x 450,000 (one Parquet shard per scene) and their float32
-  size in memory per scene x 450,000. Per-scene costs are assumed linear; the one-shard-per-scene
-  layout means 450,000 files in one folder, which this benchmark cannot test at that scale.
+  embeddings' bytes on disk per scene x 450,000, the shards per scene x 450,000, the stored label
+  maps' bytes per scene x 450,000 and the embeddings' float32 size in memory per scene x 450,000.
+  Per-scene costs are assumed linear, which this benchmark cannot test at that scale.
 
 The machine is shared: the load average is recorded at every measurement; judge absolute seconds
 by it, and the ratio (scan / rescore, medians of the same session) over them.
@@ -104,8 +105,9 @@ PROFILED = {
     "read scene rows": ("run/store.py", "scenes"),
     "read superpixel rows (per scene)": ("run/store.py", "regions"),
     "decide scenes": ("run/rescore.py", "_decide"),
-    "segment again from stored tiles": ("run/resegment.py", "resegment"),
-    "map picture of changed scenes": ("run/scan.py", "_thumbnail"),
+    "stored label maps of scenes with new positives": ("run/resegment.py", "scene_labels"),
+    "segment again from stored tiles (runs without label maps)": ("run/resegment.py", "resegment"),
+    "outlines of new positives": ("run/scan.py", "region_outline"),
     "write diff.geojson + diff.json": ("run/rescore.py", "_write_diff"),
     "commit (apply_rescore)": ("run/store.py", "apply_rescore"),
 }
@@ -262,7 +264,8 @@ def run_stats(run: Path) -> dict:
         probs = [(g.probability, g.positive) for s in scenes for g in store.regions(s.scene_id)
                  if g.probability is not None]
         n_emb = store.embeddings().num_rows
-    return {"scenes": len(scenes), "superpixels_scored": len(probs), "embeddings": n_emb,
+        label_maps = store.segmentation_bytes()
+    return {"scenes": len(scenes), "superpixels_scored": len(probs), "embeddings": n_emb, "label_map_bytes": label_maps,
             "positive": sum(p for _, p in probs), "negative_probabilities": sorted(p for p, pos in probs if not pos)}
 
 
@@ -356,7 +359,7 @@ def time_rescore(source_run: Path, model: Path | str, copy: Path, server, profil
     result = {"wall_s": wall, "cpu_s": cpu, "rss_growth_mb": rss.growth_mb, "requests": server.requests() - before,
               "loadavg_1m": load[0], "added": summary["added"], "removed": summary["removed"], "kept": summary["kept"],
               "outlines_missing": summary["outlines_missing"],
-              # each segmented again from its stored tiles, for the new positives' outlines
+              # each has its label map read, for the new positives' outlines
               "scenes_with_new_positives": len({scene for scene, _ in diff.added.superpixels})}
     shutil.rmtree(copy, ignore_errors=True)
     return result
@@ -502,13 +505,17 @@ def derive(entry: dict) -> dict:
             "projection_450k": {"rescore_s": per_scene * STUDY_SCENES, "rescore_h": per_scene * STUDY_SCENES / 3600},
         }
     for name, row in rows.items():
-        # A scene is segmented again for a new positive's outline, and for the map picture of a scene
-        # that is flagged after the rescore with other positives than before: the profile round (the
-        # same rescore from the same copy) counted the calls.
-        calls = entry.get("profile", {}).get(name, {}).get("parts", {}).get("segment again from stored tiles", {})
-        row["changed"]["scenes_segmented_again"] = calls.get("calls")
+        # A scene's label map is read for its new positives' outlines: the profile round (the same
+        # rescore from the same copy) counted the calls.
+        parts = entry.get("profile", {}).get(name, {}).get("parts", {})
+        calls = parts.get("stored label maps of scenes with new positives", {})
+        row["changed"]["scenes_outlined"] = calls.get("calls")
+        # ("segment again from stored tiles": the part's name in results measured before label maps were stored)
+        row["changed"]["scenes_segmented_again"] = parts.get(
+            "segment again from stored tiles (runs without label maps)",
+            parts.get("segment again from stored tiles", {})).get("calls")
         if name != "same" and calls.get("calls") and "same" in rows:
-            row["s_per_scene_segmented_again"] = (row["median_s"] - rows["same"]["median_s"]) / calls["calls"]
+            row["s_per_scene_outlined"] = (row["median_s"] - rows["same"]["median_s"]) / calls["calls"]
     entry["rescore"] = rows
     dim = run.get("dim") or load_bundle(resolve_model(entry["model"])).metadata.dim
     run["dim"] = dim
@@ -522,10 +529,12 @@ def derive(entry: dict) -> dict:
         "projection_450k": {
             "embeddings_gb": per_scene_bytes * STUDY_SCENES / 1e9,
             "embeddings_gb_on_disk": run["embeddings_bytes_on_disk"] / n_scenes * STUDY_SCENES / 1e9,
-            "shards": STUDY_SCENES,
+            "shards": run["embedding_shards"] / n_scenes * STUDY_SCENES,
             "vectors_in_memory_gb": vectors_per_scene * STUDY_SCENES / 1e9,
-            "memory_note": "rescore_run reads every stored embedding at once (one pyarrow Table, then a float32 "
-                           "numpy copy), so its peak holds about twice vectors_in_memory_gb",
+            "label_maps_gb": (None if run.get("label_map_bytes") is None  # measured before label maps were stored
+                              else run["label_map_bytes"] / n_scenes * STUDY_SCENES / 1e9),
+            "memory_note": "rescore_run streams the shards batch by batch and keeps (scene, label, probability), "
+                           "12 bytes a superpixel; vectors_in_memory_gb is what holding them all would take",
         }})
     return entry
 
@@ -544,13 +553,15 @@ def print_entry(entry: dict) -> None:
         print(f"| {name} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['s_per_scene'] * 1000:.1f} ms | "
               f"{r['ratio_scan_over_rescore']:.0f}x | {r['rss_growth_mb']:.0f} | scenes +{c['scenes_added']} "
               f"-{c['scenes_removed']}, superpixels +{c['superpixels_added']} -{c['superpixels_removed']} "
-              f"({c['scenes_segmented_again']} scenes segmented again) | {r['projection_450k']['rescore_h']:.2f} h |")
+              f"({c.get('scenes_outlined')} scenes outlined, {c['scenes_segmented_again']} segmented again) | "
+              f"{r['projection_450k']['rescore_h']:.2f} h |")
     t = entry["retrain"]
     print(f"retrain after one report: {t['retrain_s']:.1f} s (import {t['import_s']:.1f} s), diff {t['diff']}, "
           f"reported scene flagged after: {t['reported_scene_flagged_after']}")
     p = run["projection_450k"]
-    print(f"at 450,000 scenes: embeddings {p['embeddings_gb']:.1f} GB on disk ({p['shards']} shards), "
-          f"{p['vectors_in_memory_gb']:.1f} GB as float32 in memory (rescore_run holds them all, about twice that)")
+    maps = "not measured" if p.get("label_maps_gb") is None else f"{p['label_maps_gb']:.1f} GB"
+    print(f"at 450,000 scenes: embeddings {p['embeddings_gb']:.1f} GB on disk ({p['shards']:.0f} shards), "
+          f"label maps {maps}, {p['vectors_in_memory_gb']:.1f} GB as float32 if held at once (rescore_run streams them)")
 
 
 def parse_args(argv=None):

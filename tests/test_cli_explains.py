@@ -426,8 +426,13 @@ def test_a_run_of_tiles_without_an_answer_stops_the_source(tile_dir):
         with pytest.raises(TileSourceError) as info:
             source.get(tile)
         assert not isinstance(info.value, SourceUnavailableError)
-    with pytest.raises(SourceUnavailableError, match=r"nor for the 2 tiles before it; .*--retry-failed"):
+    with pytest.raises(SourceUnavailableError, match=r"nor for the 2 tiles before it; .*--retry-failed") as first:
         source.get(TILES[3])
+    # Fetch threads fail on until the scan stops: every later failure tells the same first run.
+    for tile in TILES[1:3]:  # asked again: the server is still gone
+        with pytest.raises(SourceUnavailableError) as later:
+            source.get(tile)
+        assert str(later.value) == str(first.value)
 
 
 def test_a_server_that_dies_mid_scan_stops_it_after_a_run_of_failures(region, tiny_model, tmp_path, monkeypatch):

@@ -104,6 +104,34 @@ def test_reports_map_onto_superpixels_or_say_why_not(run, region, tmp_path):
         assert [(r.line, len(r.matched)) for r in store.feedback()] == [(1, 1), (2, n_regions), (3, 0), (4, 0), (5, 0)]
 
 
+def test_reports_read_the_stored_label_maps_and_old_runs_their_tiles(run, region, tmp_path, monkeypatch):
+    import sqlite3
+
+    from amber_hunter.errors import SceneUnavailableError
+    from amber_hunter.run import resegment as resegment_module
+
+    scene = {v: k for k, v in region.ids.items()}["positive1"]
+    with RunStore(run) as store:
+        label = next(g.label for g in store.regions(scene) if g.positive)
+    reports = _geojson(tmp_path / "reports.geojson", [("Point", list(_pixel_point(run, scene, label)), "not-mining")])
+    twin = tmp_path / "old-run"
+    shutil.copytree(run, twin)
+    with sqlite3.connect(twin / "run.sqlite") as db:  # as a run scanned before label maps were stored
+        db.execute("DROP TABLE segments")
+
+    def no_tiles(store, scene_id, slic):
+        raise SceneUnavailableError(f"scene {scene_id}: the test reads no tile")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resegment_module, "resegment", no_tiles)
+        with LabelStore(tmp_path / "labels.sqlite") as labels:
+            assert import_feedback(run, reports, labels).rows[0].matched == ((scene, label),)
+            row = import_feedback(twin, reports, labels).rows[0]
+        assert row.matched == () and "the test reads no tile" in row.reason  # the old run needs its tiles
+    with LabelStore(tmp_path / "labels2.sqlite") as labels:
+        assert import_feedback(twin, reports, labels).rows[0].matched == ((scene, label),)
+
+
 def _retrained_flags(run: Path, small_data, tmp_path: Path, name: str) -> set[str]:
     """The control: the flagged scenes after a retrain of a copy of ``run`` with no report. A
     retrain picks its own threshold, which alone can flip scenes; a report's effect is only what

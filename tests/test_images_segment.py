@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 
 from amber_hunter.errors import AmberHunterError, ImageError
 from amber_hunter.images import decode_rgb, encode_png, read_rgb, to_rgb8, write_png
@@ -264,3 +267,32 @@ def test_region_crop_whole_region_and_resize():
     resized = resize_nearest(image, 12)
     assert resized.shape == (12, 12, 3) and resized.dtype == np.uint8
     assert set(np.unique(resized)) <= set(np.unique(image))  # nearest neighbour invents no values
+
+
+@given(arrays(np.int32, array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+              elements=st.sampled_from([0, 1, 7, 255, 256, 40000, 65535])))
+@settings(max_examples=60, deadline=None)
+def test_a_packed_label_map_comes_back_exactly(labels):
+    from amber_hunter.model.segment import pack_labels, unpack_labels
+
+    back = unpack_labels(pack_labels(labels))
+    assert back.dtype == np.int32 and np.array_equal(back, labels)
+
+
+def test_a_scene_label_map_packs_small_and_damage_is_said(data_root):
+    from amber_hunter.model.segment import pack_labels, unpack_labels
+
+    example = data_root / "example" / "positive1.png"
+    if not example.is_file():
+        pytest.skip(f"{example} not found")
+    labels = segment(read_rgb(example), SlicParams(scale=2)).labels
+    packed = pack_labels(labels)
+    assert len(packed) < 40_000 and np.array_equal(unpack_labels(packed), labels)
+    with pytest.raises(ImageError, match="damaged.*rescan"):
+        unpack_labels(packed[:-100])
+    with pytest.raises(ImageError, match="labels from 70000 to 70000"):
+        pack_labels(np.full((2, 2), 70_000))
+    with pytest.raises(ImageError, match="labels from -1 to 3"):
+        pack_labels(np.array([[-1, 3]]))
+    with pytest.raises(ImageError, match=r"shape \(2, 2, 3\)"):
+        pack_labels(np.ones((2, 2, 3), int))

@@ -82,16 +82,51 @@ def test_a_stricter_model_unflags_writes_a_diff_and_rollback_restores(run, tiny_
         rollback(run, 7)
 
 
-def test_new_positives_get_outlines_from_the_stored_tiles(run, tiny_model, tmp_path):
+def _new_outlines(run: Path, diff) -> dict:
+    with RunStore(run) as store:
+        return {(scene_id, label): next(g for g in store.regions(scene_id) if g.label == label).polygon
+                for scene_id, label in diff.added.superpixels}
+
+
+def test_new_positives_get_outlines_from_the_stored_label_maps_with_no_tile_read(run, tiny_model, tmp_path,
+                                                                                monkeypatch):
+    from amber_hunter.errors import SceneUnavailableError
+    from amber_hunter.run import resegment as resegment_module
+
+    def no_tiles(store, scene_id, slic):
+        raise SceneUnavailableError(f"scene {scene_id}: the test reads no tile")
+
+    monkeypatch.setattr(resegment_module, "resegment", no_tiles)
+    with RunStore(run) as store:
+        pictures = {s.scene_id for s in store.scenes(flagged_only=True) if store.overlay_path(s.scene_id).is_file()}
+        before = {s.scene_id: {g.label for g in store.regions(s.scene_id, positive_only=True)} for s in store.scenes()}
+    assert pictures == _flagged(run)
     lenient = _with_threshold(tiny_model, 0.02, tmp_path / "lenient")
     diff = rescore_run(run, lenient)
     assert diff.added.superpixels and diff.outlines_missing == 0
+    outlines = _new_outlines(run, diff)
+    assert all(p is not None and p["type"] == "Polygon" and len(p["coordinates"][0]) >= 4 for p in outlines.values())
+    geo = json.loads((run / "diff.geojson").read_text())
+    assert {(f["properties"]["scene_id"], f["properties"]["label"]): f["geometry"] for f in geo["features"]
+            if f["properties"]["kind"] == "superpixel" and f["properties"]["change"] == "added"} == outlines
     with RunStore(run) as store:
-        for scene_id, label in diff.added.superpixels:
-            region = next(g for g in store.regions(scene_id) if g.label == label)
-            assert region.positive and region.polygon is not None and region.polygon["type"] == "Polygon"
-        for scene_id in diff.added.scenes:
-            assert store.overlay_path(scene_id).is_file()
+        for scene_id, labels in before.items():
+            now = {g.label for g in store.regions(scene_id, positive_only=True)}
+            # a picture showing other positives than the scene's is deleted (the map redraws it); others stay
+            assert store.overlay_path(scene_id).is_file() == (scene_id in pictures and now == labels)
+
+
+def test_a_run_without_stored_label_maps_outlines_from_its_tiles_the_same_way(run, tiny_model, tmp_path):
+    import sqlite3
+
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    with sqlite3.connect(twin / "run.sqlite") as db:  # as a run scanned before label maps were stored
+        db.execute("DROP TABLE segments")
+    lenient = _with_threshold(tiny_model, 0.02, tmp_path / "lenient")
+    stored, resegmented = rescore_run(run, lenient), rescore_run(twin, lenient)
+    assert stored.added.superpixels == resegmented.added.superpixels and resegmented.outlines_missing == 0
+    assert _new_outlines(run, stored) == _new_outlines(twin, resegmented)
 
 
 def test_a_model_with_another_embedder_is_refused(run):

@@ -3,6 +3,7 @@ clear errors (the database left intact) when the disk is full or the directory u
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -34,6 +35,23 @@ def done(scene_id: str, n: int = 3, flagged: bool = True) -> SceneRecord:
     regions = tuple(RegionRecord(i, 0.9, True, 14.4, BOX, polygon) for i in range(1, n + 1))
     return SceneRecord(scene_id, "done", BOX, result=result, regions=regions, embeddings=np.ones((n, 5), np.float32),
                        embedder="texture", overlay=np.zeros((8, 8, 3), np.uint8) if flagged else None)
+
+
+def test_a_scenes_label_map_is_stored_with_it_and_goes_with_it(tmp_path, config):
+    from amber_hunter.model.segment import pack_labels
+
+    labels = np.repeat(np.arange(1, 5, dtype=np.int32), 6).reshape(4, 6)
+    run = tmp_path / "run"
+    with RunStore(run, config) as store:
+        store.add_scenes(CELLS)
+        store.record(dataclasses.replace(done(CELLS[0].scene_id), segmentation=pack_labels(labels)))
+        store.record(done(CELLS[1].scene_id))
+        assert np.array_equal(store.segmentation(CELLS[0].scene_id), labels)
+        assert store.segmentation(CELLS[1].scene_id) is None and store.segmentation("18/1/2/4") is None
+        size = store.segmentation_bytes()
+        assert size == len(pack_labels(labels))
+        store.record(SceneRecord(CELLS[0].scene_id, "failed", BOX, error="decode"))  # recorded again: no stale map
+        assert store.segmentation(CELLS[0].scene_id) is None and store.segmentation_bytes() == 0
 
 
 # --- config ------------------------------------------------------------------------------------

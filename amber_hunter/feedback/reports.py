@@ -3,7 +3,7 @@
 A report says "this is mining" or "this is not mining" about a place: a point (a reader's pin,
 a CSV row ``lat,lon,verdict,note``) or an area (a GeoJSON polygon an editor drew). Retraining needs
 superpixels, so each report is mapped onto the run's own segmentation, exactly as the scan cut the
-scene (``run.resegment``, from the stored tiles, never a new fetch):
+scene (``run.resegment.scene_labels``: the label map the scan stored, never a new fetch):
 
 - a point takes the superpixel that contains it;
 - a polygon takes every superpixel it covers by more than half (a quick outline around a pit
@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import FeedbackError
 from ..geo.tiles import Bounds
 from ..learn.labels import LabelStore, SuperpixelKey
-from ..run.resegment import Resegmented, resegment
+from ..run.resegment import scene_labels
 from ..run.scenes import cell_from_id
 from ..run.store import FeedbackRow, RunStore, StoredScene
 
@@ -179,8 +179,7 @@ def _cover(geometry: dict, scene_id: str, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def _in_scene(scene: Resegmented, scene_id: str, report: Report) -> list[int]:
-    labels = scene.labels
+def _in_scene(labels: np.ndarray, scene_id: str, report: Report) -> list[int]:
     if report.geometry["type"] == "Point":
         lon, lat = report.geometry["coordinates"][:2]
         row, col = cell_from_id(scene_id).lonlat_to_pixel(lon, lat)
@@ -194,8 +193,9 @@ def _in_scene(scene: Resegmented, scene_id: str, report: Report) -> list[int]:
     return [int(k) for k in np.flatnonzero(hit > MIN_COVER * np.maximum(size, 1)) if k > 0]
 
 
-def match_report(store: RunStore, scenes: list[StoredScene], report: Report, segment) -> FeedbackRow:
-    """The run's superpixels under ``report``, or why there are none."""
+def match_report(store: RunStore, scenes: list[StoredScene], report: Report, labels_of) -> FeedbackRow:
+    """The run's superpixels under ``report``, or why there are none (``labels_of(scene_id)`` is
+    the scene's label map)."""
     extent = _extent(report.geometry)
     near = [s for s in scenes if _touches(s.bounds or cell_from_id(s.scene_id).bounds, extent)]  # pending: no bounds yet
     matched, reasons = [], []
@@ -206,9 +206,9 @@ def match_report(store: RunStore, scenes: list[StoredScene], report: Report, seg
             reasons.append(f"scene {scene.scene_id} {what}")
             continue
         try:
-            labels = _in_scene(segment(scene.scene_id), scene.scene_id, report)
+            labels = _in_scene(labels_of(scene.scene_id), scene.scene_id, report)
         except Exception as exc:  # noqa: BLE001 - one unreadable scene fails its reports only
-            reasons.append(f"scene {scene.scene_id} cannot be segmented again ({exc})")
+            reasons.append(f"the superpixels of scene {scene.scene_id} cannot be read ({exc})")
             continue
         if not labels:
             reasons.append(f"no imagery under it in scene {scene.scene_id}" if report.geometry["type"] == "Point"
@@ -223,8 +223,6 @@ def import_feedback(run_dir: str | Path, file: str | Path, labels: LabelStore) -
     (source ``feedback``) and record the reports in the run. Bad lines are returned, not fatal."""
     import dataclasses
 
-    from ..model.classify import load_bundle, resolve_model
-
     reports, bad = read_reports(file)
     run_dir = Path(run_dir).resolve()
     with RunStore(run_dir) as store:
@@ -236,16 +234,15 @@ def import_feedback(run_dir: str | Path, file: str | Path, labels: LabelStore) -
         missing = [(key, VERDICTS[k.verdict], _label_note(k.file, k.line, k.note))
                    for _, k in earlier if k is not None for scene_id, label in k.matched
                    if labels.get(key := SuperpixelKey.of(run_dir, scene_id, label)) is None]
-        slic = load_bundle(resolve_model(store.config.model)).slic_params()
         scenes = list(store.scenes())
-        cache: dict[str, Resegmented] = {}
+        cache: dict[str, np.ndarray] = {}
 
-        def segment(scene_id: str) -> Resegmented:
+        def labels_of(scene_id: str) -> np.ndarray:
             if scene_id not in cache:
-                cache[scene_id] = resegment(store, scene_id, slic)
+                cache[scene_id] = scene_labels(store, scene_id)
             return cache[scene_id]
 
-        rows = [dataclasses.replace(match_report(store, scenes, r, segment), file=Path(file).name) for r in reports]
+        rows = [dataclasses.replace(match_report(store, scenes, r, labels_of), file=Path(file).name) for r in reports]
         items = [(SuperpixelKey.of(run_dir, scene_id, label), VERDICTS[row.verdict],
                   _label_note(row.file, row.line, row.note))
                  for row in rows for scene_id, label in row.matched]

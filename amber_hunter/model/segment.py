@@ -7,6 +7,8 @@ the same size and shape only if detection segments the same way.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,13 +149,14 @@ def _shrink(image: np.ndarray, valid: np.ndarray | None, scale: int) -> tuple[np
     return small, padded.reshape(hs, scale, ws, scale).any(axis=(1, 3))
 
 
-def regions_of(labels: np.ndarray) -> list[Region]:
-    """Regions of a label image, found in one pass with ``ndimage.find_objects``."""
+def regions_of(labels: np.ndarray, only: set[int] | None = None) -> list[Region]:
+    """Regions of a label image, found in one pass with ``ndimage.find_objects``; with ``only``,
+    just those labels (a rescore outlines the few superpixels that became positive)."""
     from scipy import ndimage
 
     regions = []
     for index, slices in enumerate(ndimage.find_objects(labels), start=1):
-        if slices is None:
+        if slices is None or (only is not None and index not in only):
             continue
         rows, cols = slices
         mask = labels[rows, cols] == index
@@ -166,6 +169,42 @@ def regions_of(labels: np.ndarray) -> list[Region]:
             )
         )
     return regions
+
+
+#: Header of a packed label map: height, width (uint32) and the bytes per label (1 or 2).
+_PACKED = struct.Struct("<IIB")
+
+
+def pack_labels(labels: np.ndarray) -> bytes:
+    """A label image as compact bytes, to keep with a scanned scene.
+
+    A rescore outlines the superpixels that a new model makes positive, and a reader's report is
+    matched to the superpixels under it; both need the scan's label map, and SLIC again from the
+    tiles costs a third of a second a scene (and the tiles may be pruned). Thirty-odd blobs
+    compress well: about 25 kB for a 1000 px scene, in 3 ms (zlib level 1; level 6 saves a third
+    for seven times the time). Labels are stored in one byte when they fit, else two.
+    """
+    low, top = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if labels.ndim != 2 or low < 0 or top > 0xFFFF:
+        raise ImageError(f"cannot pack a label image of shape {labels.shape} with labels from {low} to {top}; "
+                         "it must be 2-D with labels from 0 to 65535")
+    dtype = np.uint8 if top <= 0xFF else np.uint16
+    raw = np.ascontiguousarray(labels, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    return _PACKED.pack(*labels.shape, np.dtype(dtype).itemsize) + zlib.compress(raw, 1)
+
+
+def unpack_labels(data: bytes) -> np.ndarray:
+    """The ``int32`` label image that :func:`pack_labels` packed."""
+    try:
+        h, w, size = _PACKED.unpack_from(data)
+        raw = zlib.decompress(data[_PACKED.size:])
+    except (struct.error, zlib.error) as exc:
+        raise ImageError(f"a stored label map is damaged ({exc}); the scene is segmented again from its tiles, "
+                         "or rescan the area into a new run directory") from None
+    if size not in (1, 2) or len(raw) != h * w * size:
+        raise ImageError(f"a stored label map holds {len(raw)} bytes, not {h}x{w} labels of {size} bytes; the scene "
+                         "is segmented again from its tiles, or rescan the area into a new run directory")
+    return np.frombuffer(raw, {1: "u1", 2: "<u2"}[size]).reshape(h, w).astype(np.int32)
 
 
 def resize_nearest(crop: np.ndarray, size: int = CNN_SIZE) -> np.ndarray:

@@ -7,10 +7,16 @@ retrained model (or any model with the same embedder) rescores it in minutes:
 
 1. every stored embedding is scored again, and every done scene is decided again with the scene
    rule ("more than ``min_positive`` positive superpixels");
-2. a superpixel that becomes positive gets its outline from the stored tiles, segmented again
-   exactly as the scan did (``resegment``); when the tiles are gone it keeps its bbox only;
+2. a superpixel that becomes positive gets its outline from the label map the scan stored
+   (``resegment.scene_labels``; a run scanned before label maps were stored segments the scene
+   again from its stored tiles, and when those are gone too the superpixel keeps its bbox only);
 3. the new verdicts, and the model version that made them, are stored in one transaction, and a
    diff of what changed is written (``diff.geojson``, ``diff.json``).
+
+No picture is drawn: the scan's map picture of a scene whose positives changed is deleted (it
+would show the old ones), and ``map.html`` draws the scene's picture from its tiles as it does for
+every scene. Drawing it here cost a decode of the tiles and a PNG per changed scene, twice the rest
+of a rescore's work, for a picture the map redraws anyway.
 
 Model versions live in ``RUN_DIR/models/vN`` and are never overwritten: ``v1`` is a copy of the
 scan's own model, made on the first rescore, so a rollback to it works even if the original
@@ -19,6 +25,7 @@ bundle moves.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -172,10 +179,9 @@ def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None 
     ``model`` becomes a new version of the run (copied into ``models/vN``) unless ``version``
     names an existing one (a rollback). ``changes`` says what went into the model (from retrain).
     """
-    from ..model.detect import aggregate, overlay
-    from ..model.segment import Segmentation
-    from .resegment import resegment
-    from .scan import _thumbnail, region_outline
+    from ..model.segment import regions_of
+    from .resegment import scene_labels
+    from .scan import region_outline
     from .scenes import cell_from_id
 
     run_dir = Path(run_dir)
@@ -196,34 +202,24 @@ def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None 
         missing = 0
         scenes = [s for s in store.scenes() if s.status == "done"]
         for k, scene in enumerate(scenes):
-            regions = store.regions(scene.scene_id)
+            regions = store.regions(scene.scene_id, outlines=False)
             stored = scored.of(scene.scene_id)
             probs = {g.label: stored[g.label] for g in regions if g.label in stored}
             new, flagged, area, max_p = _decide(regions, probs, threshold, min_positive)
             was = {g.label for g in regions if g.positive}
             now = {g.label for g in new if g.positive}
-            picture = None
-            if now - was or (flagged and (now != was or not scene.flagged)):
-                try:  # outlines of the new positives, and the map's picture of a changed flagged scene
-                    again = resegment(store, scene.scene_id, slic)
-                    cell = cell_from_id(scene.scene_id)
-                    boxes = {g.label: g.bbox for g in regions}
-                    missing += len((now - was) - again.regions.keys())
-                    new = [RescoredRegion(g.label, g.probability, g.positive,
-                                          region_outline(again.regions[g.label], cell) if g.label in again.regions
-                                          else _rectangle(boxes[g.label]))
-                           if g.label in now - was else g for g in new]
-                    if flagged:
-                        ordered = sorted(again.regions.values(), key=lambda r: r.label)
-                        p = np.array([probs.get(r.label, np.nan) for r in ordered], np.float32)
-                        seg = Segmentation(again.labels, ordered)
-                        picture = _thumbnail(overlay(again.image, seg, aggregate(p, seg, threshold, min_positive)))
-                except AmberHunterError:  # tiles gone: the new positives are drawn as their bboxes
-                    missing += len(now - was)
-                    boxes = {g.label: g.bbox for g in regions}
-                    new = [RescoredRegion(g.label, g.probability, g.positive, _rectangle(boxes[g.label]))
-                           if g.label in now - was else g for g in new]
-            rescored.append(RescoredScene(scene.scene_id, flagged, len(now), max_p, area, tuple(new), picture))
+            if now - was:  # outlines of the new positives, from the scan's label map
+                try:
+                    again = {r.label: r for r in regions_of(scene_labels(store, scene.scene_id, slic), only=now - was)}
+                except AmberHunterError:  # no stored label map and no tiles: the new positives keep their bboxes
+                    again = {}
+                missing += len((now - was) - again.keys())
+                cell, boxes = cell_from_id(scene.scene_id), {g.label: g.bbox for g in regions}
+                new = [dataclasses.replace(g, polygon=region_outline(again[g.label], cell) if g.label in again
+                                           else _rectangle(boxes[g.label])) if g.label in now - was else g
+                       for g in new]
+            rescored.append(RescoredScene(scene.scene_id, flagged, len(now), max_p, area, tuple(new),
+                                          stale_picture=now != was))
             areas = {g.label: g.area_m2 / 10_000 for g in regions}
             for side, labels in ((added, now - was), (removed, was - now), (kept, now & was)):
                 side.superpixels.extend((scene.scene_id, g) for g in sorted(labels))
@@ -243,18 +239,21 @@ def rescore_run(run_dir: str | Path, model: str | Path, *, changes: dict | None 
                                    bundle.metadata.training.get("data_hash"), changes or {"what": f"rescored with {path}"},
                                    time.time(), True)
         diff = RescoreDiff(before.version, version.version, added, removed, kept, missing)
-        _write_diff(store, diff, {s.scene_id: s.bounds for s in scenes})
+        outlines = {(s.scene_id, g.label): g.polygon for s in rescored for g in s.regions if g.polygon is not None}
+        _write_diff(store, diff, {s.scene_id: s.bounds for s in scenes}, outlines)
         store.apply_rescore(rescored, version, json.dumps(diff.summary()))
     return diff
 
 
-def _write_diff(store: RunStore, diff: RescoreDiff, bounds: dict[str, Bounds]) -> None:
+def _write_diff(store: RunStore, diff: RescoreDiff, bounds: dict[str, Bounds], outlines: dict) -> None:
     """``diff.geojson``: one feature per changed or kept scene and superpixel (outline where the
-    run has one, else its bbox), with ``change`` = added / removed / kept; ``diff.json``: counts.
-    The features are encoded one by one, so a diff of many flagged scenes holds its bytes only."""
+    rescore made one or the run has one, else its bbox), with ``change`` = added / removed / kept;
+    ``diff.json``: counts. It is written before the rescore's commit, so a new positive's outline
+    comes from ``outlines`` (by scene and label), not the store. The features are encoded one by
+    one, so a diff of many flagged scenes holds its bytes only."""
     out = io.BytesIO()
     out.write(b'{"type": "FeatureCollection", "features": [\n')
-    for k, feature in enumerate(_diff_features(store, diff, bounds)):
+    for k, feature in enumerate(_diff_features(store, diff, bounds, outlines)):
         out.write(b",\n" * (k > 0) + json.dumps(feature).encode())
     out.write(b"\n]}\n")
     try:
@@ -265,7 +264,7 @@ def _write_diff(store: RunStore, diff: RescoreDiff, bounds: dict[str, Bounds]) -
                             "and rerun") from None
 
 
-def _diff_features(store: RunStore, diff: RescoreDiff, bounds: dict[str, Bounds]) -> Iterator[dict]:
+def _diff_features(store: RunStore, diff: RescoreDiff, bounds: dict[str, Bounds], outlines: dict) -> Iterator[dict]:
     for change, side in (("added", diff.added), ("removed", diff.removed), ("kept", diff.kept)):
         for scene_id in side.scenes:
             yield _feature(_rectangle(bounds[scene_id]), {"kind": "scene", "scene_id": scene_id, "change": change})
@@ -276,7 +275,7 @@ def _diff_features(store: RunStore, diff: RescoreDiff, bounds: dict[str, Bounds]
             stored = {g.label: g for g in store.regions(scene_id)}
             for label in labels:
                 g = stored[label]
-                yield _feature(g.polygon or _rectangle(g.bbox), {
+                yield _feature(outlines.get((scene_id, label)) or g.polygon or _rectangle(g.bbox), {
                     "kind": "superpixel", "scene_id": scene_id, "label": label, "change": change,
                     "area_ha": round(g.area_m2 / 10_000, 4)})
 

@@ -1,10 +1,11 @@
-"""A scanned scene segmented again, from the tiles the scan already has, never from the network.
+"""A scanned scene's superpixels again, from what the run stored, never from the network.
 
-The run stores each superpixel's probability, bbox and (for positives) outline, not the SLIC
-label map: that would double a run's size for a picture few scenes ever need again. SLIC is
-deterministic, so the label map comes back exactly from the same pixels and parameters. The
-explore app needs it to show a superpixel in context; feedback needs it to find the superpixel
-under a reader's point; a rescore needs it to outline a superpixel that has just become positive.
+The scan stores each done scene's SLIC label map (``RunStore.segmentation``): a rescore outlines
+the superpixels a new model makes positive from it, and a reader's report finds the superpixels
+under it, without a tile or a second SLIC (:func:`scene_labels`). Runs scanned before label maps
+were stored, and callers that need the pixels too (the explore app shows a superpixel in context;
+``suggest`` cuts crops), segment the scene again from its stored tiles (:func:`resegment`): SLIC
+is deterministic, so the same pixels and parameters give the scan's labels back exactly.
 
 An HTTP source is read from the run's tile cache only: a pruned cache is said (a
 :class:`SceneUnavailableError`), not silently refilled.
@@ -12,6 +13,7 @@ An HTTP source is read from the run's tile cache only: a pruned cache is said (a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,3 +81,20 @@ def resegment(store: RunStore, scene_id: str, slic: SlicParams) -> Resegmented:
         raise SceneUnavailableError(f"scene {scene_id}: {reason}")
     seg = segment(scene.image, slic, scene.valid)
     return Resegmented(scene.image, seg.labels, {r.label: r for r in seg.regions})
+
+
+def scene_labels(store: RunStore, scene_id: str, slic: SlicParams | None = None) -> np.ndarray:
+    """The SLIC label map of the scene ``scene_id`` as the scan made it: the stored one, or for a
+    run scanned before label maps were stored (or a damaged one), segmented again from the tiles
+    with ``slic``, by default the run's model's settings (loaded only then)."""
+    from ..errors import ImageError
+
+    with contextlib.suppress(ImageError):  # a damaged map: the tiles give it back exactly
+        stored = store.segmentation(scene_id)
+        if stored is not None:
+            return stored
+    if slic is None:
+        from ..model.classify import load_bundle, resolve_model
+
+        slic = load_bundle(resolve_model(store.config.model)).slic_params()
+    return resegment(store, scene_id, slic).labels

@@ -72,9 +72,12 @@ class ScanSummary:
 
 def _ring(contour: np.ndarray, offset: tuple[int, int], cell: SceneCell, side: int, ccw: bool) -> list:
     """One closed contour of a crop as a lon/lat ring, simplified, inside the scene, wound ``ccw``."""
-    from skimage.measure import approximate_polygon
+    import shapely
 
-    simplified = approximate_polygon(contour, SIMPLIFY_PX)
+    # Douglas-Peucker, as skimage's approximate_polygon, but in GEOS: 70x faster, and a rescore
+    # outlines every superpixel that turns positive (vertices differ from skimage's within 1 px).
+    simplified = shapely.get_coordinates(shapely.simplify(shapely.linestrings(contour), SIMPLIFY_PX,
+                                                          preserve_topology=False))
     ring = simplified if len(simplified) >= 4 else contour
     # Padded index i is crop pixel i - 1, and level 0.5 runs along pixel edges: edge coordinate i - 0.5.
     rows = np.clip(ring[:, 0] + offset[0] - 0.5, 0, side)
@@ -149,9 +152,10 @@ def conclude(scene: Scene, prepared: Prepared, features: np.ndarray, detector, m
     """Classify a prepared scene from its full features and gather everything the store keeps.
 
     ``timings`` holds the stages before this one; the classifier, the outlines of the positive
-    superpixels and the map picture are timed here as ``classify``.
+    superpixels, the map picture and the packing of the label map are timed here as ``classify``.
     """
     from ..model.detect import MAX_NODATA, overlay
+    from ..model.segment import pack_labels
 
     started = time.perf_counter()
     m_per_px = scene.m_per_px
@@ -176,6 +180,7 @@ def conclude(scene: Scene, prepared: Prepared, features: np.ndarray, detector, m
         embedding_labels=tuple(detection.feature_labels),
         embedder=detector.embedder.name,
         overlay=picture,
+        segmentation=pack_labels(seg.labels),
         model=model,
         capture_date=scene.capture_date,
         valid_fraction=scene.valid_fraction,

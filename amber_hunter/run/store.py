@@ -4,7 +4,8 @@ Layout (this module is the only one that knows it)::
 
     run/
       config.json     the RunConfig; a resume with other result-deciding settings is refused
-      run.sqlite      scenes, regions (superpixels) and events, in WAL mode
+      run.sqlite      scenes, regions (superpixels), each done scene's SLIC label map (zlib, about
+                      25 kB a scene) and events, in WAL mode
       embeddings/     Parquet shards of many scenes: scene_id, label, embedder, vector (float32);
                       run.sqlite says which shard holds each scene's current rows
       scenes/         a small overlay PNG per flagged scene, for the map's popups
@@ -163,6 +164,10 @@ CREATE TABLE IF NOT EXISTS regions (
     note TEXT,
     PRIMARY KEY (scene_id, label)
 );
+CREATE TABLE IF NOT EXISTS segments (
+    scene_id TEXT PRIMARY KEY,
+    labels BLOB NOT NULL  -- the scan's SLIC label map, model.segment.pack_labels
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -229,7 +234,9 @@ class SceneRecord:
 
     ``result``, ``regions`` and ``embeddings`` (``float32 (n_superpixels, dim)`` from ``embedder``)
     are set for a "done" scene; ``error`` says why a scene failed or was skipped. ``overlay`` is the
-    picture shown on the map for a flagged scene.
+    picture shown on the map for a flagged scene. ``segmentation`` is the SLIC label map of every
+    done scene, packed (``model.segment.pack_labels``), so a rescore or a reader's report never
+    segments it again.
     """
 
     scene_id: str
@@ -242,6 +249,7 @@ class SceneRecord:
     embeddings: np.ndarray | None = None
     embedder: str | None = None
     overlay: np.ndarray | None = None
+    segmentation: bytes | None = None
     #: Share of the scene's pixels that hold imagery; below 1 the scene is partial.
     valid_fraction: float | None = None
     #: Content hash of the model that scored the scene.
@@ -340,7 +348,8 @@ class RescoredScene:
     max_probability: float | None
     positive_area_m2: float
     regions: tuple[RescoredRegion, ...]
-    overlay: np.ndarray | None = None
+    #: The scan's map picture no longer shows the scene's positives: the store deletes it.
+    stale_picture: bool = False
 
 
 @dataclass(frozen=True)
@@ -596,8 +605,8 @@ class RunStore:
                          (record.scene_id, record.embedder, dim, np.asarray(labels, np.int32).tobytes(), vectors.tobytes()))
 
     def record(self, record: SceneRecord) -> None:
-        """Store one scene's outcome: its files first, then its rows and staged embeddings in one
-        transaction, with the session's scene count and stage times. Seals a shard when enough
+        """Store one scene's outcome: its files first, then its rows, label map and staged
+        embeddings in one transaction, with the session's scene count and stage times. Seals a shard when enough
         embeddings are staged."""
         started = time.perf_counter()
         r = record.result
@@ -627,6 +636,10 @@ class RunStore:
                 self._db.execute("DELETE FROM staged WHERE scene_id = ?", (record.scene_id,))
                 if record.embeddings is not None:
                     self._stage(record)
+                self._db.execute("DELETE FROM segments WHERE scene_id = ?", (record.scene_id,))
+                if record.segmentation is not None:
+                    self._db.execute("INSERT INTO segments (scene_id, labels) VALUES (?, ?)",
+                                     (record.scene_id, record.segmentation))
                 self._db.execute("DELETE FROM regions WHERE scene_id = ?", (record.scene_id,))
                 self._db.executemany(
                     "INSERT INTO regions (scene_id, label, probability, positive, area_m2, bbox, polygon, note) "
@@ -765,17 +778,43 @@ class RunStore:
                 head[3] = bool(head[3])
                 yield StoredScene(*head, dt.date.fromisoformat(date) if date else None, _bounds(bounds), valid_fraction, model)
 
-    def regions(self, scene_id: str, *, positive_only: bool = False) -> list[RegionRecord]:
-        """The superpixels stored for a scene, by label."""
+    def regions(self, scene_id: str, *, positive_only: bool = False, outlines: bool = True) -> list[RegionRecord]:
+        """The superpixels stored for a scene, by label; ``outlines=False`` leaves their polygons
+        out (None), which a rescore does not need and which cost most of the reading."""
         where = " AND positive" if positive_only else ""
+        polygon = "polygon" if outlines else "NULL"
         with self._guard(f"read regions of {scene_id}"):
             rows = self._db.execute(
-                f"SELECT label, probability, positive, area_m2, bbox, polygon, note FROM regions WHERE scene_id = ?{where} "
+                f"SELECT label, probability, positive, area_m2, bbox, {polygon}, note FROM regions WHERE scene_id = ?{where} "
                 "ORDER BY label",
                 (scene_id,),
             ).fetchall()
         return [RegionRecord(label, p, bool(pos), area, _bounds(bbox), None if poly is None else json.loads(poly), note)
                 for label, p, pos, area, bbox, poly, note in rows]
+
+    def _segments(self, query: str, params: tuple = ()) -> tuple | None:
+        """A row of the label-map table; None from a run scanned before it existed (a store
+        opened for reading does not create tables)."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'segments'").fetchone():
+            return None
+        return self._db.execute(query, params).fetchone()
+
+    def segmentation(self, scene_id: str) -> np.ndarray | None:
+        """The SLIC label map the scan stored for a done scene, or None: a run scanned before label
+        maps were stored (then ``run.resegment`` segments the scene again from its tiles)."""
+        with self._guard(f"read the label map of {scene_id}"):
+            row = self._segments("SELECT labels FROM segments WHERE scene_id = ?", (scene_id,))
+        if row is None:
+            return None
+        from ..model.segment import unpack_labels
+
+        return unpack_labels(row[0])
+
+    def segmentation_bytes(self) -> int:
+        """What the stored label maps take in run.sqlite, in bytes (0 for a run without them)."""
+        with self._guard("measure the stored label maps"):
+            row = self._segments("SELECT COALESCE(SUM(LENGTH(labels)), 0) FROM segments")
+        return 0 if row is None else row[0]
 
     def events(self, kind: str | None = None) -> list[StoredEvent]:
         """The run's events in time order (starts, scenes, stops, regrids…), or those of one kind."""
@@ -817,12 +856,14 @@ class RunStore:
         """Store a rescore: every scene's new verdict, the model version (added, or chosen again
         by a rollback) as current, and an event, in one transaction; then the config names the
         current model so a resumed scan scores new scenes with it. A kill before the commit leaves
-        the run as it was; after it, a reopened run finishes the config (``_sync_config``)."""
+        the run as it was, but for the deleted map pictures of the scenes that change (the map
+        draws them again from the tiles); after it, a reopened run finishes the config
+        (``_sync_config``)."""
         self._versions_schema()
         with self._guard("store the rescored run"):
-            for scene in scenes:
-                if scene.overlay is not None:
-                    write_png(self.overlay_path(scene.scene_id), scene.overlay)
+            for scene in scenes:  # a missing picture is redrawn by the map; a stale one would mislead
+                if scene.stale_picture:
+                    self.overlay_path(scene.scene_id).unlink(missing_ok=True)
             with self._db:
                 self._db.execute("UPDATE models SET current = 0")
                 self._db.execute(

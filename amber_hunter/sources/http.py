@@ -186,6 +186,8 @@ class HttpTileSource(TileSource):
         #: Tiles in a row, over all threads, that got no answer at all; any answer resets it.
         self._unanswered = 0
         self._answered = False
+        #: Why the source stopped, once ``max_unanswered`` tiles in a row got no answer.
+        self._down: str | None = None
         self._unanswered_lock = threading.Lock()
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
@@ -264,16 +266,20 @@ class HttpTileSource(TileSource):
 
     def _no_answer(self, tile: mercantile.Tile, last: str) -> TileSourceError:
         """The error for a tile that got no answer after every retry: it fails that tile, or the
-        whole run if the server never answered or this is the ``max_unanswered``-th in a row."""
+        whole run if the server never answered or ``max_unanswered`` tiles in a row got none. With
+        several fetch threads more tiles fail before the scan stops; they all say that first run, so
+        the user reads one number whichever failure reaches the scan first."""
+        where = f"{self._shown(tile)}: no answer after {self.max_retries} retries (last: {last})"
         with self._unanswered_lock:
             self._unanswered += 1
-            streak, answered = self._unanswered, self._answered
-        where = f"{self._shown(tile)}: no answer after {self.max_retries} retries (last: {last})"
+            if self._answered and self._unanswered == self.max_unanswered:
+                self._down = (f"{where}, nor for the {self._unanswered - 1} tiles before it; the server is down or "
+                              "unreachable: rerun with --retry-failed once it answers again")
+            answered, down = self._answered, self._down
         if not answered:
             return SourceUnavailableError(f"{where}; check that the server is up and that the URL's host and port are right")
-        if streak >= self.max_unanswered:
-            return SourceUnavailableError(f"{where}, nor for the {streak - 1} tiles before it; the server is down or "
-                                          "unreachable: rerun with --retry-failed once it answers again")
+        if down:  # other fetch threads fail on after the stop: each says the same first run of failures
+            return SourceUnavailableError(down)
         return TileSourceError(f"{where}; the server or the network may be down")
 
     def get(self, tile: mercantile.Tile) -> TileResult:
@@ -299,7 +305,7 @@ class HttpTileSource(TileSource):
             else:
                 unusable = None
             with self._unanswered_lock:  # the server is there, whatever it said
-                self._unanswered, self._answered = 0, True
+                self._unanswered, self._answered, self._down = 0, True, None
             unanswered = False
             if unusable:  # raised here, not in the except clause: the exception's text holds the key
                 raise TileSourceError(f"{self._shown(tile)}: unusable answer ({unusable}); check the URL template")
