@@ -81,7 +81,6 @@ SHARD_SCENES = 4096
 BATCH_BYTES = 16 * 2**20
 #: ``scenes.shard`` of a scene whose vectors are staged in run.sqlite, not yet in a shard file.
 _STAGED = 0
-#: Stages a scan times per scene (see :class:`StageTimes`).
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS scenes (
@@ -606,8 +605,8 @@ class RunStore:
 
     def record(self, record: SceneRecord) -> None:
         """Store one scene's outcome: its files first, then its rows, label map and staged
-        embeddings in one transaction, with the session's scene count and stage times. Seals a shard when enough
-        embeddings are staged."""
+        embeddings in one transaction, with the session's scene count and stage times. Seals a
+        shard when enough embeddings are staged."""
         started = time.perf_counter()
         r = record.result
         with self._guard(f"save scene {record.scene_id}"):
