@@ -4,9 +4,13 @@ Variants, all on the same fp32 weights and the same real crops (resized to 224 a
 
 * ``eager_fp32``: the Keras model called eagerly per batch, as ``CnnEmbedder.embed`` did before the
   compiled runtime (the baseline every ratio is taken against);
-* ``compiled_fp32`` and ``compiled_bf16``: ``CnnEmbedder.run`` (a ``tf.function`` per fixed batch
-  shape) at each precision, whatever the CPU supports (bf16 without ``avx512_bf16``/``amx_bf16``
-  is emulated);
+* ``compiled_fp32`` and ``compiled_bf16``: ``CnnEmbedder.run`` on the ``tf`` engine (a
+  ``tf.function`` per fixed batch shape) at each precision, whatever the CPU supports (bf16 without
+  ``avx512_bf16``/``amx_bf16`` is emulated);
+* ``tflite_fp32``: ``CnnEmbedder.run`` on the ``tflite`` engine (TensorFlow Lite with XNNPACK, one
+  interpreter per batch shape), what ``auto`` picks for fp32 on a CPU. Its ``first_call_s`` leaves
+  out the conversion (seconds, once per machine) when the compiled cache already holds the model;
+  point ``AMBER_HUNTER_COMPILED_CACHE`` at an empty folder to include it;
 * ``openvino``: when the ``openvino`` package imports, the same model converted from its
   ``tf.function`` and compiled for the CPU at bf16 where the CPU has it, else f32.
 
@@ -16,7 +20,7 @@ and compilation are reported apart as ``first_call_s``). Ratios to ``eager_fp32`
 run, then the median: the machine is shared, absolute images/s move with its load, the ratios
 much less. Each variant's features are compared to eager fp32 (the worst per-block cosine).
 
-    nice -n 5 python benchmarks/bench_runtime.py [--models vgg16 efflite0] [--batches 8 16 32]
+    nice -n 5 python benchmarks/bench_runtime.py [--models vgg16 efflite0 resnet50-random] [--batches 8 16 32]
         [--runs 3] [--crops 32] [--json benchmarks/results-runtime.json]
 """
 
@@ -108,8 +112,9 @@ def variants(part, precision: str) -> dict:
 
         return run
 
-    out = {"eager_fp32": eager, "compiled_fp32": compiled(part.with_precision("fp32")),
-           "compiled_bf16": compiled(part.with_precision("bf16"))}
+    out = {"eager_fp32": eager, "compiled_fp32": compiled(part.with_precision("fp32", "tf")),
+           "compiled_bf16": compiled(part.with_precision("bf16", "tf")),
+           "tflite_fp32": compiled(part.with_precision("fp32", "auto"))}
     ov_run = openvino_runner(part, precision)
     if ov_run is not None:
         out[f"openvino_{ov_run.precision}"] = ov_run
@@ -120,7 +125,8 @@ def bench_model(name: str, batches: list[int], runs: int, n_crops: int) -> list[
     from amber_hunter.model.embed import get_embedder
     from amber_hunter.model.embed.cnn import cpu_precision
 
-    part = get_embedder(name)
+    # resnet50-random: the study's network with random weights (ImageNet's cannot be downloaded here).
+    part = get_embedder("resnet50", weights="random") if name == "resnet50-random" else get_embedder(name)
     t0 = time.perf_counter()
     part.model  # noqa: B018 - built before timing
     build_s = time.perf_counter() - t0
@@ -154,7 +160,7 @@ def bench_model(name: str, batches: list[int], runs: int, n_crops: int) -> list[
                 "ratio_to_eager_fp32_runs": [round(float(x), 3) for x in ratios],
                 "ratio_to_eager_fp32_median": round(float(np.median(ratios)), 3),
                 "first_call_s": round(first[v], 2),
-                "min_block_cosine_to_eager_fp32": round(worst_cosine(features[v], reference, part.blocks), 6),
+                "min_block_cosine_to_eager_fp32": round(worst_cosine(features[v], reference, getattr(part, "blocks", [[(0, part.dim)]])), 6),
             })
     for row in rows:
         row["model_build_s"] = round(build_s, 2)

@@ -1,6 +1,6 @@
 """Scan speed against the study's own loop (issue 10's benchmarks), on the same scenes in the same run.
 
-What it measures, for every model in ``--models`` (``default``, ``fast``, ``resnet50-random`` or a
+What it measures, for every model in ``--models`` (``default``, ``balanced``, ``fast``, ``resnet50-random`` or a
 bundle folder), every scene count in ``--scenes`` (the 6-scene demo grid laid K times) and every
 ``--workers`` count:
 
@@ -296,7 +296,7 @@ class Bench:
                 result = run_baseline(self.regions[config.scenes].scene_files, stem.with_suffix(".json"),
                                       stem.with_suffix(".log"))
             else:
-                label = f"{config.model}-{config.scenes}-w{config.workers}"
+                label = f"{Path(config.model).name}-{config.scenes}-w{config.workers}"  # a bundle folder: its name
                 result = self._scan(config, self.models[config.model], label)
                 self._check(config, round_, result)
         result["tree_rss_mb"] = tree.peak_mb
@@ -415,7 +415,7 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["default", "fast", RANDOM_RESNET],
-                        help=f"default, fast, {RANDOM_RESNET} or bundle folders")
+                        help=f"default, balanced, fast, {RANDOM_RESNET} or bundle folders")
     parser.add_argument("--scenes", type=_ints, default=[24, 96], help="scene counts, multiples of 6 (default 24,96)")
     parser.add_argument("--workers", type=_ints, default=[1, 2], help="scan --workers values (default 1,2)")
     parser.add_argument("--runs", type=int, default=MIN_RUNS, help=f"rounds; medians need >= {MIN_RUNS}")

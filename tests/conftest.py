@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 # XGBoost's default n_jobs=0 spins one OpenMP thread per core; on a shared 2-core runner, with
@@ -36,6 +37,16 @@ def _data_root() -> Path:
 
 
 # --- guards -------------------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    """Converted CNNs (TFLite: seconds each to convert) go to one folder for the whole session,
+    set before any fixture runs, so module fixtures that scan with the default model do not write
+    to the user's cache either. A folder the caller chose (``AMBER_HUNTER_COMPILED_CACHE``) wins."""
+    if "AMBER_HUNTER_COMPILED_CACHE" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="amber-compiled-")
+        os.environ["AMBER_HUNTER_COMPILED_CACHE"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)

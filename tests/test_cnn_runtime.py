@@ -1,5 +1,6 @@
-"""The compiled CNN runtime: precision choice, batch buckets, and parity with the eager fp32 Keras
-model on real crops and on the example scenes with the bundled default model.
+"""The compiled CNN runtime: precision and engine choice (TFLite or tf.function), the converted
+models' cache, batch buckets, and parity with the eager fp32 Keras model on real crops and on the
+example scenes with the bundled default model.
 
 Parity is what lets features from any runtime (compiled fp32, bf16 on a CPU that has it) be mixed
 with fp32-trained bundles and fp32 cached training embeddings: the precision is not in the cache
@@ -11,6 +12,7 @@ runtime under test for the scenes is the one ``auto`` picks on this machine, so
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -22,12 +24,16 @@ from amber_hunter.model.classify import bundled_model_path, load_bundle
 from amber_hunter.model.detect import Detector, aggregate
 from amber_hunter.model.embed import cnn
 from amber_hunter.model.embed.cnn import (
+    COMPILED_CACHE_ENV,
+    ENGINE_ENV,
     PRECISION_ENV,
     ResNet50Embedder,
     Vgg16Embedder,
     batch_buckets,
     cpu_precision,
     resolve_runtime,
+    tflite_forward,
+    tflite_model,
 )
 from amber_hunter.model.embed.efflite0 import EffLite0Embedder
 from amber_hunter.model.segment import resize_nearest
@@ -114,6 +120,106 @@ def test_precision_argument_wins_over_the_environment_and_both_are_checked(fake_
         Vgg16Embedder(precision="half")
 
 
+def test_fp32_on_a_cpu_runs_in_tflite_unless_tf_is_asked_for(fake_cpuinfo, monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    monkeypatch.delenv(ENGINE_ENV, raising=False)
+    fake_cpuinfo("avx2")
+    assert resolve_runtime().engine == "tflite"
+    assert resolve_runtime(engine="tf").engine == "tf"
+    assert resolve_runtime("bf16").engine == "tf"  # TFLite's XNNPACK runs fp32 here; bf16 is TF's
+    monkeypatch.setenv(ENGINE_ENV, "tf")
+    assert resolve_runtime().engine == "tf"
+    assert resolve_runtime(engine="auto").engine == "tflite"  # the argument wins
+    monkeypatch.setenv(ENGINE_ENV, "onnx")
+    with pytest.raises(EmbedderError, match=f"{ENGINE_ENV} 'onnx' is not one of auto, tf; use auto"):
+        resolve_runtime()
+    with pytest.raises(EmbedderError, match="efflite0 engine 'lite' is not one of auto, tf"):
+        EffLite0Embedder().with_precision("fp32", "lite")
+
+
+def tiny_keras(pooling: str = "avg"):
+    """A two-layer Keras model with seeded weights: converting it takes a second, not Lite0's twelve."""
+    keras = cnn._import_keras()
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed=0))(inputs)
+    pool = keras.layers.GlobalAveragePooling2D() if pooling == "avg" else keras.layers.GlobalMaxPooling2D()
+    return keras.Model(inputs, pool(x))
+
+
+def test_the_converted_model_is_cached_by_its_weights_and_a_bad_entry_is_redone(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv(COMPILED_CACHE_ENV, str(tmp_path))
+    model = tiny_keras()
+    blob = tflite_model(model, "tiny")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # neither "Saved artifact at ..." nor the converter's C++ log
+    (entry,) = tmp_path.glob("tiny-*.tflite")
+    assert entry.read_bytes() == blob
+    batch = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(tflite_forward(blob, 2, 16)(batch), model(batch).numpy(), rtol=1e-5, atol=1e-6)
+
+    import tensorflow as tf
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the cache holds the model")
+
+    with monkeypatch.context() as m:
+        m.setattr(tf.lite.TFLiteConverter, "from_keras_model", no_conversion)
+        assert tflite_model(model, "tiny") == blob
+    entry.write_bytes(b"not a flatbuffer")
+    again = tflite_model(model, "tiny")
+    assert again[4:8] == b"TFL3" and entry.read_bytes() == again
+    # The same weights under another head or another embedder's params are other entries.
+    tflite_model(tiny_keras("max"), "tiny")
+    tflite_model(model, "tiny", identity="pooling avgmax")
+    model.layers[1].kernel.assign(model.layers[1].kernel * 2)  # other weights
+    tflite_model(model, "tiny")
+    assert len(list(tmp_path.glob("tiny-*.tflite"))) == 4
+
+
+def test_an_unwritable_cache_converts_once_per_embedder(tmp_path, monkeypatch, crops):
+    """A cache folder that cannot be made (here: below a file) costs one conversion per embedder,
+    shared by its batch shapes, not one per shape."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(COMPILED_CACHE_ENV, str(blocker / "compiled"))
+    import tensorflow as tf
+
+    real, calls = tf.lite.TFLiteConverter.from_keras_model, []
+
+    def counted(model):
+        calls.append(model)
+        return real(model)
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_keras_model", counted)
+    small = np.stack([resize_nearest(c, 32) for c in crops[:3]])
+    embedder = ResNet50Embedder(input_size=32, weights="random", precision="fp32")
+    embedder.run(small)  # bucket 4
+    embedder.run(small[:1])  # bucket 1
+    assert embedder.runtime.engine == "tflite" and len(calls) == 1
+
+
+def test_threads_sharing_an_embedder_get_their_own_features(crops):
+    """A dask worker runs several tasks in threads with one model: the interpreters must not mix
+    batches up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    small = np.stack([resize_nearest(c, 32) for c in crops])
+    embedder = ResNet50Embedder(input_size=32, weights="random", precision="fp32")
+    serial = [embedder.run(small[i : i + 2]) for i in range(0, 10, 2)]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            together = list(pool.map(embedder.run, [small[i : i + 2] for i in range(0, 10, 2)]))
+            for a, b in zip(together, serial):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_a_flatbuffer_tflite_refuses_names_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(COMPILED_CACHE_ENV, str(tmp_path))
+    message = f"TFLite cannot load the converted CNN .*; delete {re.escape(str(tmp_path))} or set {ENGINE_ENV}=tf"
+    with pytest.raises(EmbedderError, match=message):
+        tflite_forward(b"1234TFL3" + bytes(64), 1, 16)
+
+
 def test_precision_is_not_part_of_the_cache_key_nor_the_bundle_params():
     """fp32-trained bundles and fp32 cached training embeddings stay valid under any runtime."""
     for make in (Vgg16Embedder, EffLite0Embedder, lambda **k: ResNet50Embedder(weights="random", **k)):
@@ -150,9 +256,11 @@ def cnn_part(detector, name: str):
     return next(p for p in detector.embedder.parts if p.name == name)
 
 
+@pytest.mark.parametrize("engine", ["auto", "tf"])  # auto: TFLite on this CPU
 @pytest.mark.parametrize("name", ["vgg16", "efflite0"])
-def test_compiled_fp32_matches_eager_keras(detector, crops, name):
-    part = cnn_part(detector, name).with_precision("fp32")
+def test_compiled_fp32_matches_eager_keras(detector, crops, name, engine):
+    part = cnn_part(detector, name).with_precision("fp32", engine)
+    assert part.runtime.engine == ("tflite" if engine == "auto" else "tf")
     reference = eager(part, crops)
     fast = part.run(crops[:7])  # 7 crops: a padded batch (bucket 8)
     assert fast.dtype == np.float32 and fast.shape == (7, part.dim)
@@ -205,6 +313,8 @@ def test_resnet50_random_weights_compiled_matches_eager(crops):
     fp32 = ResNet50Embedder(input_size=32, weights="random", precision="fp32")
     reference = eager(fp32, small)
     np.testing.assert_allclose(fp32.run(small), reference, rtol=1e-4, atol=1e-4)
+    assert fp32.runtime.engine == "tflite"
+    np.testing.assert_allclose(fp32.with_precision("fp32", "tf").run(small), reference, rtol=1e-4, atol=1e-4)
     bf16 = fp32.with_precision("bf16")
     assert cosines(bf16.run(small), reference, [[(0, fp32.dim)]]).min() >= MIN_COSINE
 

@@ -10,7 +10,7 @@ from skimage.segmentation import slic
 
 from amber_hunter.errors import ConfigError, ImageError
 from amber_hunter.images import read_rgb
-from amber_hunter.model.classify import load_bundle, resolve_model
+from amber_hunter.model.classify import BUNDLED_MODELS, load_bundle, resolve_model
 from amber_hunter.model.segment import SlicParams, segment
 
 
@@ -32,9 +32,9 @@ def test_scale_one_is_the_default_and_the_study_segmentation(positive_crop):
     np.testing.assert_array_equal(segment(image).labels, study_slic(image))
 
 
-@pytest.mark.parametrize("name", ["default", "fast"])
+@pytest.mark.parametrize("name", BUNDLED_MODELS)
 def test_bundled_models_segment_at_half_scale(name):
-    """Both bundled models ship SLIC at 1/2 (training/results/slic_scale.md: flags kept)."""
+    """Every bundled model ships SLIC at 1/2 (training/results/slic_scale.md: flags kept)."""
     assert load_bundle(resolve_model(name)).slic_params().scale == 2
 
 

@@ -25,7 +25,7 @@ def default_label_store() -> Path:
 
 @click.command(cls=OneLineErrors)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--model", type=click.Path(), help="Model bundle, or default/fast (default: the run's model, or the "
+@click.option("--model", type=click.Path(), help="Model bundle, or default/balanced/fast (default: the run's model, or the "
               "bundled default model for dataset folders).")
 @click.option("--labels", "labels_store", type=click.Path(dir_okay=False),
               help="Label store (SQLite) to read and write (default: one in the user data folder).")

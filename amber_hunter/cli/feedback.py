@@ -149,7 +149,7 @@ def retrain(run_dir, data, labels_store, cache_dir, seed, threshold_from, progre
 
 @click.command(cls=OneLineErrors)
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--model", required=True, help="Model bundle folder, or default/fast; its embedder must be the run's.")
+@click.option("--model", required=True, help="Model bundle folder, or default/balanced/fast; its embedder must be the run's.")
 def rescore(run_dir, model):
     """Rescore RUN_DIR with another model from its stored embeddings, and write the diff."""
     from ..run.rescore import rescore_run
@@ -174,7 +174,7 @@ def rollback(run_dir, version):
 
 
 @click.command(cls=OneLineErrors)
-@click.option("--model", default="default", show_default=True, help="Model bundle folder, or default/fast.")
+@click.option("--model", default="default", show_default=True, help="Model bundle folder, or default/balanced/fast.")
 @click.option("--pool", "pool_path", required=True, type=click.Path(exists=True, file_okay=False),
               help="A flat folder of unlabelled superpixel crops, or a scanned run directory.")
 @click.option("-n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="How many to suggest.")

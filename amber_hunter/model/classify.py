@@ -345,7 +345,7 @@ class ModelBundle:
 
 #: Models shipped in the package, by the name ``--model`` accepts (trained by
 #: ``training/train_default_model.py``).
-BUNDLED_MODELS = ("default", "fast")
+BUNDLED_MODELS = ("default", "balanced", "fast")
 
 
 def bundled_model_path(name: str = "default") -> Path:

@@ -69,10 +69,9 @@ def default_workers() -> int:
     affinity, which containers restrict), but no more than the limit of 64 and than free memory
     holds, so the plain command runs on a big node and on a laptop alike. Only a count the user
     asks for is refused (:func:`check_memory`)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    from ..model.embed.cnn import usable_cores  # here: the CNN module's imports wait for a scan
+
+    cores = usable_cores()
     available = available_mb()
     fits = cores if available is None else max(1, int(available // WORKER_MB))
     n = max(1, min(cores, MAX_WORKERS, fits))

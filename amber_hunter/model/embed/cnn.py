@@ -21,13 +21,21 @@ and never changes which weights are used nor the ``float32`` features' layout:
   and slower, so ``auto`` uses fp32 and logs once "this CPU has no bf16: using fp32". Force a
   choice with the embedder's ``precision`` argument or ``AMBER_HUNTER_PRECISION=fp32|bf16|auto``
   (the argument wins); a forced ``bf16`` applies to every network, parity or not, for measuring.
+* **Engine.** On a CPU in fp32 the network runs in TensorFlow Lite with its XNNPACK kernels
+  (``tflite``), else in the ``tf.function`` above (``tf``). Measured on this 2-core AVX2 CPU
+  (benchmarks/results-runtime.json, batches of 16), TFLite ran EfficientNet-Lite0 about 2.0x,
+  ResNet50 about 1.3x and VGG16 about 1.2x faster than the compiled TensorFlow graph, with the
+  same features (cosine 1.0, within 2e-4). Converting costs seconds (Lite0 ~12 s, ResNet50 ~18 s,
+  VGG16 ~3 s), so the converted model is kept on disk (:func:`tflite_model`,
+  :func:`compiled_cache_dir`). bf16 and GPUs keep the ``tf`` engine, which has their kernels;
+  ``AMBER_HUNTER_CNN_ENGINE=tf`` forces it.
 * **GPU** (untested: no GPU on the development or CI machines). When TensorFlow sees a GPU,
   ``auto`` means ``mixed_float16`` (fp16 convolutions on tensor cores, fp32 pooling) for the
   networks with ``REDUCED_PRECISION``, fp32 for the others, and batches of
   :data:`GPU_BATCH_SIZE` crops, since a GPU is starved by the CPU's 16.
 
 OpenVINO (f32) ran VGG16 1.5-1.8x and EfficientNet-Lite0 3.7x faster than eager Keras on this
-AVX2 CPU (benchmarks/results-runtime.json), but it is not used: its converter
+AVX2 CPU (benchmarks/results-runtime.json at commit b5caaa6), but it is not used: its converter
 (``openvino.convert_model``) sends usage telemetry unless the user has opted out, and converting
 costs ~25 s per model and process.
 
@@ -43,10 +51,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
+import io
 import itertools
+import json
 import logging
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -54,9 +66,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import atomic
 from ...errors import EmbedderError, WeightsUnavailableError
 from ..segment import CNN_SIZE, Region, resize_nearest
 from .base import empty
+from .torch_pickle import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +84,11 @@ VERBOSE_ENV = "AMBER_HUNTER_VERBOSE"
 #: ``fp32``, ``bf16`` or ``auto`` (the default): the CNN's compute precision, see the module docstring.
 PRECISION_ENV = "AMBER_HUNTER_PRECISION"
 PRECISIONS = ("auto", "fp32", "bf16")
+#: ``auto`` (TFLite for fp32 on a CPU, else ``tf``) or ``tf``: see the module docstring.
+ENGINE_ENV = "AMBER_HUNTER_CNN_ENGINE"
+ENGINES = ("auto", "tf")
+#: Where converted TFLite models are kept; default ``<cache>/compiled`` (see :func:`compiled_cache_dir`).
+COMPILED_CACHE_ENV = "AMBER_HUNTER_COMPILED_CACHE"
 #: CPU flags of native bf16 arithmetic, which oneDNN's bf16 convolutions need to be fast.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
@@ -84,7 +103,8 @@ def _stderr_to_devnull() -> Iterator[None]:
     TensorFlow's C++ libraries log while they load ("Could not find cuda drivers on your machine"),
     before absl's logging is set up and TF_CPP_MIN_LOG_LEVEL applies: only the descriptor itself
     silences them. Python's own writes to stderr in that window are lost too, so it is kept to
-    the import alone.
+    the import, a TFLite interpreter's creation and the once-per-machine TFLite conversion (whose
+    converter logs the same way).
     """
     sys.stderr.flush()
     saved = os.dup(2)
@@ -152,6 +172,13 @@ def check_precision(value: str, source: str) -> str:
     return value
 
 
+def check_engine(value: str, source: str) -> str:
+    """``value`` if it is one of :data:`ENGINES`; ``source`` names where it came from."""
+    if value not in ENGINES:
+        raise EmbedderError(f"{source} {value!r} is not one of {', '.join(ENGINES)}; use auto for the fastest")
+    return value
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How a CNN embedder runs on this machine."""
@@ -159,6 +186,8 @@ class Runtime:
     #: ``fp32``, ``bf16`` or ``fp16`` (``mixed_float16``, GPU only): the convolutions' precision.
     precision: str
     device: str  # "cpu" or "gpu"
+    #: ``tflite`` (XNNPACK, fp32 on a CPU) or ``tf`` (the compiled ``tf.function``).
+    engine: str = "tf"
 
     @property
     def batch_size(self) -> int:
@@ -167,20 +196,119 @@ class Runtime:
         return GPU_BATCH_SIZE if self.device == "gpu" else BATCH_SIZE
 
 
-def resolve_runtime(precision: str | None = None, reduced_ok: bool = True) -> Runtime:
+def resolve_runtime(precision: str | None = None, reduced_ok: bool = True, engine: str | None = None) -> Runtime:
     """The runtime for a requested precision: the argument, else ``$AMBER_HUNTER_PRECISION``, else
     ``auto``, which is fp16 on a GPU and :func:`cpu_precision` on a CPU for a network that keeps
-    parity in reduced precision (``reduced_ok``), and fp32 for one that does not. Imports TensorFlow."""
+    parity in reduced precision (``reduced_ok``), and fp32 for one that does not. The engine
+    (argument, else ``$AMBER_HUNTER_CNN_ENGINE``, else ``auto``) is TFLite for fp32 on a CPU unless
+    ``tf`` is asked for. Imports TensorFlow."""
     if precision is None:
         requested = check_precision(os.environ.get(PRECISION_ENV) or "auto", PRECISION_ENV)
     else:
         requested = check_precision(precision, "precision")
+    if engine is None:
+        engine = check_engine(os.environ.get(ENGINE_ENV) or "auto", ENGINE_ENV)
+    else:
+        engine = check_engine(engine, "engine")
     _import_keras()
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):  # pragma: no cover - no GPU on the test machines
         return Runtime(("fp16" if reduced_ok else "fp32") if requested == "auto" else requested, "gpu")
-    return Runtime((cpu_precision() if reduced_ok else "fp32") if requested == "auto" else requested, "cpu")
+    chosen = (cpu_precision() if reduced_ok else "fp32") if requested == "auto" else requested
+    # tf.lite.Interpreter is deprecated in favour of ai_edge_litert: a TensorFlow without it runs tf.
+    tflite = chosen == "fp32" and engine == "auto" and hasattr(tf.lite, "Interpreter")
+    return Runtime(chosen, "cpu", "tflite" if tflite else "tf")
+
+
+#: The file identifier at bytes 4-8 of every TFLite flatbuffer: a cache entry without it is redone.
+TFLITE_ID = b"TFL3"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, as in a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def compiled_cache_dir() -> Path:
+    """``$AMBER_HUNTER_COMPILED_CACHE``, else ``compiled/`` in the cache folder
+    (``$AMBER_HUNTER_CACHE`` or the user's). The tests point it at one folder for the whole session,
+    so that each test's own empty cache does not pay every conversion again."""
+    env = os.environ.get(COMPILED_CACHE_ENV)
+    return Path(env) if env else cache_dir() / "compiled"
+
+
+def tflite_model(model, name: str, identity: str = "") -> bytes:
+    """``model`` converted to a TFLite flatbuffer, through a disk cache, so a scan pays the
+    conversion (seconds) once per machine, not per start.
+
+    The key covers what makes two converted models differ: ``identity`` (the embedder's name,
+    version and params: two poolings of VGG16 share every weight), the input and output shapes,
+    the sequence of layer types, every weight's shape, dtype and bytes, and the TensorFlow and
+    Keras versions. A cache entry
+    that cannot be read, or a folder that cannot be written, only costs a conversion.
+    """
+    keras = _import_keras()
+    import tensorflow as tf
+
+    layers = ",".join(type(layer).__name__ for layer in model.layers)  # not their names: Keras numbers those
+    h = hashlib.sha256(
+        f"{tf.__version__}|{keras.__version__}|{name}|{identity}|{model.input_shape}|{model.output_shape}|{layers}".encode()
+    )
+    for w in model.get_weights():
+        h.update(f"{w.shape}{w.dtype}".encode())
+        h.update(np.ascontiguousarray(w).tobytes())
+    path = compiled_cache_dir() / f"{name}-{h.hexdigest()[:32]}.tflite"
+    with contextlib.suppress(OSError):
+        blob = path.read_bytes()
+        if blob[4:8] == TFLITE_ID:
+            return blob
+    log.info("converting %s to TensorFlow Lite (once per machine: seconds), kept in %s", name, path.parent)
+    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    quiet = contextlib.nullcontext() if verbose else _stderr_to_devnull()
+    # The converter exports a SavedModel first and prints "Saved artifact at ..." to stdout.
+    try:
+        with quiet, contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
+            blob = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    except Exception as exc:  # noqa: BLE001 - TF's converter raises several unrelated types
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise EmbedderError(f"TFLite cannot convert the {name} CNN ({first}); set {ENGINE_ENV}=tf") from None
+    try:
+        atomic.write_bytes(path, blob)
+    except OSError as exc:
+        log.warning("cannot keep the converted %s in %s (%s): it is converted again next time",
+                    name, path.parent, exc.strerror)
+    return blob
+
+
+def tflite_forward(blob: bytes, size: int, input_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running TFLite model ``blob`` on batches of exactly ``size`` crops, on every
+    core this process may use. Raises :class:`EmbedderError` for a flatbuffer TFLite refuses."""
+    import tensorflow as tf
+
+    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    # Its C++ side prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on stderr.
+    with warnings.catch_warnings(), contextlib.nullcontext() if verbose else _stderr_to_devnull():
+        warnings.simplefilter("ignore")  # "tf.lite.Interpreter is deprecated": ai_edge_litert is its heir
+        try:
+            interpreter = tf.lite.Interpreter(model_content=blob, num_threads=usable_cores())
+            source = interpreter.get_input_details()[0]["index"]
+            target = interpreter.get_output_details()[0]["index"]
+            interpreter.resize_tensor_input(source, (size, input_size, input_size, 3))
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise EmbedderError(
+                f"TFLite cannot load the converted CNN ({exc}); delete {compiled_cache_dir()} or set {ENGINE_ENV}=tf"
+            ) from None
+    lock = threading.Lock()  # an interpreter is not thread-safe; a dask worker may run several tasks
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        with lock:
+            interpreter.set_tensor(source, batch)
+            interpreter.invoke()
+            return interpreter.get_tensor(target)  # a copy already
+
+    return forward
 
 
 def batch_buckets(batch_size: int) -> list[int]:
@@ -215,7 +343,7 @@ class CnnEmbedder:
     """Shared machinery: crop each region's bbox, resize, preprocess, run the model in batches.
 
     ``precision`` (``auto``, ``fp32`` or ``bf16``; None reads ``$AMBER_HUNTER_PRECISION``) picks the
-    runtime, see the module docstring; it is not part of ``params``.
+    runtime, see the module docstring; it is not part of ``params``, nor is the engine.
     """
 
     name = "cnn"
@@ -229,10 +357,13 @@ class CnnEmbedder:
     def __init__(self, input_size: int = CNN_SIZE, precision: str | None = None):
         self.input_size = int(input_size)
         self.precision = None if precision is None else check_precision(precision, f"{self.name} precision")
+        self.engine: str | None = None  # None reads $AMBER_HUNTER_CNN_ENGINE
         self._model = None
         self._runtime: Runtime | None = None
         self._function = None  # the tf.function over the runtime's model
-        self._compiled: dict[int, Callable] = {}  # its concrete function per batch bucket
+        self._compiled: dict[int, Callable] = {}  # the model run per batch bucket (TFLite or tf.function)
+        self._tflite: bytes | None = None  # the converted model, shared by the buckets' interpreters
+        self._lock = threading.Lock()  # builds each bucket once when several threads embed
 
     def _build(self):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -252,32 +383,47 @@ class CnnEmbedder:
     @property
     def runtime(self) -> Runtime:
         if self._runtime is None:
-            self._runtime = resolve_runtime(self.precision, self.REDUCED_PRECISION)
+            self._runtime = resolve_runtime(self.precision, self.REDUCED_PRECISION, self.engine)
         return self._runtime
 
-    def with_precision(self, precision: str) -> CnnEmbedder:
-        """This embedder at another precision, sharing its fp32 model (the weights are loaded once):
-        how the parity tests and the runtime benchmark compare runtimes on identical weights."""
+    def with_precision(self, precision: str, engine: str | None = None) -> CnnEmbedder:
+        """This embedder at another precision (and engine; None keeps this one's), sharing its fp32
+        model (the weights are loaded once): how the parity tests and the runtime benchmark compare
+        runtimes on identical weights."""
+        precision = check_precision(precision, f"{self.name} precision")
+        engine = self.engine if engine is None else check_engine(engine, f"{self.name} engine")
         self.model  # noqa: B018 - built here, so that the copy shares it
         other = copy.copy(self)
-        other.precision = check_precision(precision, f"{self.name} precision")
+        other.precision, other.engine = precision, engine
         other._runtime, other._function, other._compiled = None, None, {}
+        other._lock = threading.Lock()
         return other
 
-    def _forward(self, size: int) -> Callable:
-        """The compiled model for batches of exactly ``size`` crops, traced on first use."""
-        if size not in self._compiled:
-            keras = _import_keras()
-            import tensorflow as tf
+    def _forward(self, size: int) -> Callable[[np.ndarray], np.ndarray]:
+        """The model for batches of exactly ``size`` crops: a TFLite interpreter, or a concrete
+        ``tf.function`` traced on first use."""
+        with self._lock:
+            if size not in self._compiled:
+                self._compiled[size] = self._build_forward(size)
+            return self._compiled[size]
 
-            if self._function is None:
-                model = cast_model(keras, self.model, self.runtime.precision)
-                # autograph=False: a plain call needs no conversion of Python control flow, and
-                # AutoGraph would warn on stderr that it cannot read a lambda's source.
-                self._function = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), autograph=False)
-            spec = tf.TensorSpec((size, self.input_size, self.input_size, 3), tf.float32)
-            self._compiled[size] = self._function.get_concrete_function(spec)
-        return self._compiled[size]
+    def _build_forward(self, size: int) -> Callable[[np.ndarray], np.ndarray]:
+        if self.runtime.engine == "tflite":
+            if self._tflite is None:
+                identity = json.dumps([self.name, self.version, self.params], sort_keys=True)
+                self._tflite = tflite_model(self.model, self.name, identity)
+            return tflite_forward(self._tflite, size, self.input_size)
+        keras = _import_keras()
+        import tensorflow as tf
+
+        if self._function is None:
+            model = cast_model(keras, self.model, self.runtime.precision)
+            # autograph=False: a plain call needs no conversion of Python control flow, and
+            # AutoGraph would warn on stderr that it cannot read a lambda's source.
+            self._function = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), autograph=False)
+        spec = tf.TensorSpec((size, self.input_size, self.input_size, 3), tf.float32)
+        concrete = self._function.get_concrete_function(spec)
+        return lambda batch: concrete(batch).numpy()
 
     def run(self, crops: np.ndarray) -> np.ndarray:
         """Features ``float32 (n, dim)`` of ``n`` crops already resized to ``input_size``, through
@@ -293,7 +439,7 @@ class CnnEmbedder:
             size = next(b for b in buckets if b >= n)
             if size > n:
                 batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), np.float32)])
-            out.append(self._forward(size)(batch).numpy()[:n])
+            out.append(self._forward(size)(batch)[:n])
         return np.concatenate(out)
 
     def embed(self, image: np.ndarray, regions: Sequence[Region]) -> np.ndarray:
