@@ -215,7 +215,7 @@ def test_threads_sharing_an_embedder_get_their_own_features(crops):
 
 def test_a_flatbuffer_tflite_refuses_names_the_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(COMPILED_CACHE_ENV, str(tmp_path))
-    message = f"TFLite cannot load the converted CNN .*; delete {re.escape(str(tmp_path))} or set {ENGINE_ENV}=tf"
+    message = f"(?s)TFLite cannot load the converted CNN .*; delete {re.escape(str(tmp_path))} or set {ENGINE_ENV}=tf"
     with pytest.raises(EmbedderError, match=message):
         tflite_forward(b"1234TFL3" + bytes(64), 1, 16)
 

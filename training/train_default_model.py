@@ -4,7 +4,7 @@
 
 Writes ``amber_hunter/model/bundled/default`` (vgg16+efflite0+texture: the best grouped and spatial
 result, see the README's table), ``amber_hunter/model/bundled/balanced`` (efflite0+texture: about
-ten times the default's scan speed on a CPU, weaker in a new area along longitude) and
+8 times the default's scan speed on a CPU, weaker in a new area along longitude) and
 ``amber_hunter/model/bundled/fast`` (texture only, no TensorFlow: for CPU-only sweeps of large
 regions), all trained on every labelled crop of the Texty dataset. Then runs ``detect`` on the six
 example scenes and exits non-zero unless the default and balanced models flag exactly the three
@@ -25,7 +25,8 @@ from amber_hunter.model.classify import bundled_model_path
 from amber_hunter.model.detect import Detector
 
 #: Bundled name -> (embedder, must it pass the example check). Why these embedders: the README's
-#: "How good is it?" table (vgg16+efflite0+texture wins on grouped and on both spatial axes). The
+#: "How good is it?" table (vgg16+efflite0+texture wins on grouped and on both spatial axes;
+#: efflite0+texture is the best model without VGG16, whose per-crop pass is most of a CPU scan). The
 #: fast model finds only two positive superpixels in positive2.png, where the rule needs three: a
 #: known limit of texture-only features, reported but not fatal.
 BUNDLES = {

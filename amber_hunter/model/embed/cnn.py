@@ -23,10 +23,10 @@ and never changes which weights are used nor the ``float32`` features' layout:
   (the argument wins); a forced ``bf16`` applies to every network, parity or not, for measuring.
 * **Engine.** On a CPU in fp32 the network runs in TensorFlow Lite with its XNNPACK kernels
   (``tflite``), else in the ``tf.function`` above (``tf``). Measured on this 2-core AVX2 CPU
-  (benchmarks/results-runtime.json, batches of 16), TFLite ran EfficientNet-Lite0 about 2.0x,
-  ResNet50 about 1.3x and VGG16 about 1.2x faster than the compiled TensorFlow graph, with the
-  same features (cosine 1.0, within 2e-4). Converting costs seconds (Lite0 ~12 s, ResNet50 ~18 s,
-  VGG16 ~3 s), so the converted model is kept on disk (:func:`tflite_model`,
+  (benchmarks/results-runtime.json, batches of 16), TFLite ran EfficientNet-Lite0 about 2.1x,
+  VGG16 about 1.3x and ResNet50 about 1.2x faster than the compiled TensorFlow graph, with the
+  same features (cosine 1.0 to 6 decimals). Converting costs seconds (Lite0 ~12 s, ResNet50 ~18 s,
+  VGG16 ~3 s, timed once by hand), so the converted model is kept on disk (:func:`tflite_model`,
   :func:`compiled_cache_dir`). bf16 and GPUs keep the ``tf`` engine, which has their kernels;
   ``AMBER_HUNTER_CNN_ENGINE=tf`` forces it.
 * **GPU** (untested: no GPU on the development or CI machines). When TensorFlow sees a GPU,
