@@ -4,6 +4,7 @@ choice) flags exactly the positive example scenes, as the training script requir
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from amber_hunter.model.detect import Detector
 TRAINING = Path(__file__).resolve().parent.parent / "training" / "train_default_model.py"
 
 
+@functools.cache
 def training_bundles() -> dict:
+    """``BUNDLES`` of the training script, which is not a module of the package."""
     spec = importlib.util.spec_from_file_location("train_default_model", TRAINING)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

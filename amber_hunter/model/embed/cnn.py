@@ -117,6 +117,16 @@ def _stderr_to_devnull() -> Iterator[None]:
         os.close(saved)
 
 
+def _verbose() -> bool:
+    """Whether ``AMBER_HUNTER_VERBOSE`` (``--verbose``) asks for TensorFlow's own log lines."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def _quiet_stderr() -> contextlib.AbstractContextManager:
+    """:func:`_stderr_to_devnull`, unless the user asked to see TensorFlow's logs."""
+    return contextlib.nullcontext() if _verbose() else _stderr_to_devnull()
+
+
 def _import_keras():
     """Keras (on TensorFlow), imported without the log lines TensorFlow, CUDA and absl print.
 
@@ -125,12 +135,12 @@ def _import_keras():
     nothing they can act on. ``AMBER_HUNTER_VERBOSE=1`` (``--verbose``) shows them: the level must
     be set before TensorFlow's first import, and that happens here.
     """
-    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    verbose = _verbose()
     if not verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # C++ errors too: "failed call to cuInit" is one
         warnings.filterwarnings("ignore", module=r"(keras|tensorflow|absl)(\.|$)")
     try:
-        with contextlib.nullcontext() if verbose else _stderr_to_devnull():
+        with _quiet_stderr():
             import keras
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise EmbedderError(f"the CNN embedders need TensorFlow ({exc}); pip install 'amber-hunter'") from None
@@ -245,8 +255,8 @@ def tflite_model(model, name: str, identity: str = "") -> bytes:
     The key covers what makes two converted models differ: ``identity`` (the embedder's name,
     version and params: two poolings of VGG16 share every weight), the input and output shapes,
     the sequence of layer types, every weight's shape, dtype and bytes, and the TensorFlow and
-    Keras versions. A cache entry
-    that cannot be read, or a folder that cannot be written, only costs a conversion.
+    Keras versions. A cache entry that cannot be read, or a folder that cannot be written, only
+    costs a conversion.
     """
     keras = _import_keras()
     import tensorflow as tf
@@ -264,11 +274,9 @@ def tflite_model(model, name: str, identity: str = "") -> bytes:
         if blob[4:8] == TFLITE_ID:
             return blob
     log.info("converting %s to TensorFlow Lite (once per machine: seconds), kept in %s", name, path.parent)
-    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
-    quiet = contextlib.nullcontext() if verbose else _stderr_to_devnull()
     # The converter exports a SavedModel first and prints "Saved artifact at ..." to stdout.
     try:
-        with quiet, contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
+        with _quiet_stderr(), contextlib.redirect_stdout(sys.stderr if _verbose() else io.StringIO()):
             blob = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     except Exception as exc:  # noqa: BLE001 - TF's converter raises several unrelated types
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -286,9 +294,8 @@ def tflite_forward(blob: bytes, size: int, input_size: int) -> Callable[[np.ndar
     core this process may use. Raises :class:`EmbedderError` for a flatbuffer TFLite refuses."""
     import tensorflow as tf
 
-    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
     # Its C++ side prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on stderr.
-    with warnings.catch_warnings(), contextlib.nullcontext() if verbose else _stderr_to_devnull():
+    with warnings.catch_warnings(), _quiet_stderr():
         warnings.simplefilter("ignore")  # "tf.lite.Interpreter is deprecated": ai_edge_litert is its heir
         try:
             interpreter = tf.lite.Interpreter(model_content=blob, num_threads=usable_cores())
