@@ -29,8 +29,9 @@ def training_bundles() -> dict:
 def test_every_bundled_name_is_a_shipped_folder_the_training_script_writes():
     shipped = sorted(p.name for p in bundled_model_path().parent.iterdir() if (p / "model.json").is_file())
     assert sorted(BUNDLED_MODELS) == shipped == sorted(training_bundles())
-    for name, (embedder, _) in training_bundles().items():
-        assert load_bundle(bundled_model_path(name)).metadata.embedder == embedder
+    for name, (embedder, scale) in training_bundles().items():
+        bundle = load_bundle(bundled_model_path(name))
+        assert (bundle.metadata.embedder, bundle.slic_params().scale) == (embedder, scale)
 
 
 def test_the_balanced_model_flags_exactly_the_positive_example_scenes(data_root):

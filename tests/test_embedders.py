@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from amber_hunter.errors import EmbedderError, WeightsUnavailableError
 from amber_hunter.images import read_rgb
@@ -74,6 +77,44 @@ def test_texture_orientation_features_ignore_contrast(texture, crop_and_regions)
     names = texture.feature_names
     idx = [i for i, n in enumerate(names) if n.startswith(("coherence", "coherent"))]
     np.testing.assert_allclose(base[idx], other[idx], atol=0.05)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    response=arrays(np.float32, st.tuples(st.integers(1, 24), st.integers(1, 24)),
+                    elements=st.integers(-3, 3).map(float)),  # small integers: many ties
+    sign=st.sampled_from([1, -1]),
+    strided=st.booleans(),
+)
+def test_texture_peaks_are_every_positive_local_maximum_ties_included(response, sign, strided):
+    """``_peaks`` finds exactly the inner samples of ``sign * response`` that are positive and at
+    least each of their eight neighbours, in row-major order, whatever shortcut it takes; their
+    roundness is that of the Hessian from the 3x3 neighbourhood; and bright blobs (``sign`` -1)
+    are the dark ones of the negated map. A strided view (a decimated level) works the same."""
+    from scipy import ndimage
+
+    from amber_hunter.model.embed.texture import _EPS, _peaks
+
+    if strided:
+        response = np.repeat(response, 2, axis=1)[:, ::2]  # a non-contiguous view of the same values
+    values = sign * response
+    local_max = (values >= ndimage.maximum_filter(values, size=3, mode="nearest")) & (values > 0)
+    local_max[[0, -1], :] = False
+    local_max[:, [0, -1]] = False
+    r, c = np.nonzero(local_max)
+    peaks = _peaks(response, 2, sign)
+    np.testing.assert_array_equal(peaks.rows, r * 2)
+    np.testing.assert_array_equal(peaks.cols, c * 2)
+    np.testing.assert_array_equal(peaks.values, values[r, c])
+    dxx = 2 * values[r, c] - values[r, c - 1] - values[r, c + 1]
+    dyy = 2 * values[r, c] - values[r - 1, c] - values[r + 1, c]
+    dxy = (values[r + 1, c + 1] + values[r - 1, c - 1] - values[r + 1, c - 1] - values[r - 1, c + 1]) / 4
+    half_trace, half_gap = (dxx + dyy) / 2, np.sqrt(((dxx - dyy) / 2) ** 2 + dxy * dxy)
+    np.testing.assert_array_equal(peaks.roundness, np.clip(half_trace - half_gap, 0, None) / (half_trace + half_gap + _EPS))
+    mirrored = _peaks(values, 2)
+    for got, want in zip((peaks.rows, peaks.cols, peaks.values, peaks.roundness),
+                         (mirrored.rows, mirrored.cols, mirrored.values, mirrored.roundness)):
+        np.testing.assert_array_equal(got, want)
 
 
 # --- combining and choosing embedders -----------------------------------------------------------

@@ -296,3 +296,17 @@ def test_a_scene_label_map_packs_small_and_damage_is_said(data_root):
         pack_labels(np.array([[-1, 3]]))
     with pytest.raises(ImageError, match=r"shape \(2, 2, 3\)"):
         pack_labels(np.ones((2, 2, 3), int))
+
+
+@settings(max_examples=150, deadline=None)
+@given(labels=arrays(np.int32, array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=24), elements=st.integers(0, 3)))
+def test_boundaries_mark_what_scikit_image_marks(labels):
+    """The scan's map picture outlines superpixels with ``boundaries``, a shortcut for
+    ``find_boundaries``: the same pixels, thick and inner, on any label image."""
+    from skimage.segmentation import find_boundaries
+
+    from amber_hunter.model.segment import boundaries
+
+    np.testing.assert_array_equal(boundaries(labels), find_boundaries(labels, mode="thick"))
+    positive = labels >= 2
+    np.testing.assert_array_equal(boundaries(positive, inner=True), find_boundaries(positive, mode="inner"))

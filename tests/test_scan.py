@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from scan_fixtures import EXPECTED, LAYOUT, SIZE, ZOOM, region_cells, results
 from tile_servers import Fault, tile_server
 
@@ -47,6 +49,32 @@ def test_each_kind_of_scene_gets_its_outcome(folder_run, region):
     assert flagged, "the tiny model should flag at least one scene"
     assert all((folder_run / "scenes" / f"{s.replace('/', '_')}.png").is_file() for s in flagged)
     assert "finished after 7 scenes" in (folder_run / "log.txt").read_text()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.integers(0, 253), spread=st.integers(0, 6), row=st.integers(0, 63), col=st.integers(0, 63),
+    channel=st.integers(0, 2), hole=st.integers(0, 64), fill=st.sampled_from(["all", "some", "none"]),
+)
+@example(base=100, spread=3, row=16, col=32, channel=1, hole=0, fill="all")  # seen by the sparse first look
+@example(base=100, spread=3, row=17, col=33, channel=1, hole=0, fill="all")  # missed by it: the full check
+@example(base=100, spread=3, row=16, col=32, channel=1, hole=20, fill="some")  # on the grid but transparent
+def test_uniform_check_agrees_with_checking_every_valid_pixel(base, spread, row, col, channel, hole, fill):
+    """The sparse first look of ``_is_uniform`` never changes its answer: a flat tile with one
+    pixel brighter, on the sampled grid or off it, and tiles partly or wholly transparent, come
+    out as the plain definition says."""
+    from amber_hunter.run.scenes import UNIFORM_SPREAD, _is_uniform
+
+    rgb = np.full((64, 64, 3), base, np.uint8)
+    rgb[row, col, channel] = min(base + spread, 255)
+    valid = np.ones((64, 64), bool)
+    if fill == "some":
+        valid[:hole] = False
+    elif fill == "none":
+        valid[:] = False
+    pixels = rgb[valid].astype(int)
+    expected = bool(len(pixels)) and bool((pixels.max(axis=0) - pixels.min(axis=0) <= UNIFORM_SPREAD).all())
+    assert _is_uniform(rgb, valid) is expected
 
 
 def test_scene_is_stitched_in_row_major_order_with_capture_date(region):

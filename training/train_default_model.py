@@ -7,8 +7,7 @@ result, see the README's table), ``amber_hunter/model/bundled/balanced`` (efflit
 8 times the default's scan speed on a CPU, weaker in a new area along longitude) and
 ``amber_hunter/model/bundled/fast`` (texture only, no TensorFlow: for CPU-only sweeps of large
 regions), all trained on every labelled crop of the Texty dataset. Then runs ``detect`` on the six
-example scenes and exits non-zero unless the default and balanced models flag exactly the three
-positive ones.
+example scenes and exits non-zero unless every model flags exactly the three positive ones.
 The run is reproducible: same data, same seed, same bundles (up to the creation time).
 """
 
@@ -23,16 +22,20 @@ from amber_hunter.learn.data import find_texty_dataset
 from amber_hunter.learn.workflows import train_model
 from amber_hunter.model.classify import bundled_model_path
 from amber_hunter.model.detect import Detector
+from amber_hunter.model.segment import SlicParams
 
-#: Bundled name -> (embedder, must it pass the example check). Why these embedders: the README's
-#: "How good is it?" table (vgg16+efflite0+texture wins on grouped and on both spatial axes;
-#: efflite0+texture is the best model without VGG16, whose per-crop pass is most of a CPU scan). The
-#: fast model finds only two positive superpixels in positive2.png, where the rule needs three: a
-#: known limit of texture-only features, reported but not fatal.
+#: Bundled name -> (embedder, SLIC scale). Why these embedders: the README's "How good is it?"
+#: table (vgg16+efflite0+texture wins on grouped and on both spatial axes; efflite0+texture is the
+#: best model without VGG16, whose per-crop pass is most of a CPU scan). The fast model flags positive2.png with three positive superpixels, the fewest that flag: the check
+#: guards it too, so a retrain that loses it says so. Why these scales
+#: (``training/results/slic_scale.md``, measured with the default model and the fast model of the
+#: time): the CNN models stay at 1/2, the closer one to full-size superpixels, since SLIC is a small
+#: part of their time; at 1/2 SLIC was a quarter of the fast model's CPU time, and at 1/3 it costs
+#: half as much again with every flag kept.
 BUNDLES = {
-    "default": ("vgg16+efflite0+texture", True),
-    "balanced": ("efflite0+texture", True),
-    "fast": ("texture", False),
+    "default": ("vgg16+efflite0+texture", 2),
+    "balanced": ("efflite0+texture", 2),
+    "fast": ("texture", 3),
 }
 #: The shipped operating point, also the CLI's default. Not the study's 0.95 ("precision is a
 #: must"): a scene is flagged only when three or more superpixels are positive, which is a second,
@@ -63,18 +66,18 @@ def main() -> None:
     args = parser.parse_args()
     data = find_texty_dataset(args.data)
     ok = True
-    for name, (embedder, must_pass) in BUNDLES.items():
+    for name, (embedder, scale) in BUNDLES.items():
         if args.only and name != args.only:
             continue
         out = bundled_model_path(name)
-        bundle = train_model([data], embedder, out, target_precision=TARGET_PRECISION, seed=args.seed)
+        bundle = train_model([data], embedder, out, target_precision=TARGET_PRECISION, seed=args.seed,
+                             slic=SlicParams(scale=scale))
         m = bundle.metadata
         print(
             f"{name}: {embedder}, threshold {m.threshold:.3f}, out-of-fold precision "
             f"{m.metrics['oof_precision']:.3f} recall {m.metrics['oof_recall']:.3f} -> {out}"
         )
-        passed = check_examples(data, out)
-        ok &= passed or not must_pass
+        ok &= check_examples(data, out)
     sys.exit(0 if ok else 1)
 
 

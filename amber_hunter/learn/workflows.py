@@ -6,6 +6,7 @@ The CLI only parses options and prints; notebooks and scripts call these same fu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..model.classify import (
     save_bundle,
 )
 from ..model.embed import Embedder, cnn_blocks, get_embedder
+from ..model.segment import SLIC_SCALE, SlicParams
 from .cache import embed_files
 from .dataset import group_sizes, load_dataset
 from .evaluate import (
@@ -56,8 +58,14 @@ def train_model(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: Callable | None = None,
+    slic: SlicParams | None = None,
 ) -> ModelBundle:
-    """Train a bundle on labelled folders and write it atomically to ``out``."""
+    """Train a bundle on labelled folders and write it atomically to ``out``.
+
+    ``slic`` is how detection with the bundle segments scenes (default: ``SlicParams`` at
+    ``SLIC_SCALE``). Training never segments, since each labelled crop is one superpixel already,
+    so it changes no weight: it is the bundle's speed and superpixel fidelity at scan time.
+    """
     dataset, embedder, features, hashes = _embedded_dataset(data_dirs, labels_csv, embedder, cache_dir, progress)
     blocks = cnn_blocks(embedder)
     classifier, choice = fit_with_threshold(features, dataset.labels, dataset.groups, blocks, target_precision, seed)
@@ -83,6 +91,7 @@ def train_model(
         },
         xgb_params=XGB_PARAMS,
         random_weights=getattr(embedder, "random_weights", False),
+        slic=asdict(slic or SlicParams(scale=SLIC_SCALE)),
         package_version=__version__,
         created=now_iso(),
     )

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ModelBundleError
 from .classify import ModelBundle, load_bundle, resolve_model
 from .embed import Embedder
-from .segment import Region, Segmentation, segment
+from .segment import Region, Segmentation, boundaries, segment
 
 MIN_POSITIVE = 2
 #: A superpixel whose bounding box is more than this share nodata is not scored: its crop would
@@ -184,11 +184,9 @@ class Detector:
 
 def overlay(image: np.ndarray, segmentation: Segmentation, result: SceneResult) -> np.ndarray:
     """The study's step-3 figure: every superpixel outlined, positive ones filled in red."""
-    from skimage.segmentation import find_boundaries
-
     out = image.astype(np.float32)
     positive = np.isin(segmentation.labels, result.positive_labels)
     out[positive] = 0.55 * out[positive] + 0.45 * np.array([255, 0, 0], np.float32)
-    out[find_boundaries(segmentation.labels, mode="thick")] = (255, 255, 0)
-    out[find_boundaries(positive, mode="inner")] = (255, 0, 0)
+    out[boundaries(segmentation.labels)] = (255, 255, 0)
+    out[boundaries(positive, inner=True)] = (255, 0, 0)
     return out.astype(np.uint8)

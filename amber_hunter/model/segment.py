@@ -172,6 +172,26 @@ def regions_of(labels: np.ndarray, only: set[int] | None = None) -> list[Region]
     return regions
 
 
+def boundaries(labels: np.ndarray, *, inner: bool = False) -> np.ndarray:
+    """The pixels with a 4-neighbour of another label: what scikit-image's ``find_boundaries``
+    marks in mode "thick" (with ``inner``, mode "inner": only the pixels of non-zero labels).
+
+    The scan draws these on the map picture of every flagged scene, twice per megapixel scene,
+    where ``find_boundaries`` (a grey dilation and an erosion) took 40 ms; two shifted comparisons
+    give the same pixels in a few.
+    """
+    edge = np.zeros(labels.shape, bool)
+    rows = labels[1:] != labels[:-1]
+    edge[1:] |= rows
+    edge[:-1] |= rows
+    cols = labels[:, 1:] != labels[:, :-1]
+    edge[:, 1:] |= cols
+    edge[:, :-1] |= cols
+    if inner:
+        edge &= labels != 0
+    return edge
+
+
 #: Header of a packed label map: height, width (uint32) and the bytes per label (1 or 2).
 _PACKED = struct.Struct("<IIB")
 

@@ -233,7 +233,7 @@ class _BlobScale:
         self.dog, self.step = dog, step
         # Positive where the centre is darker than its surround: dark blobs (pits) are positive.
         self.dark = _peaks(dog, step)
-        self.bright = _peaks(-dog, step)
+        self.bright = _peaks(dog, step, sign=-1)
 
     def window(self, bbox: tuple[int, int, int, int]) -> np.ndarray:
         return self.dog[_window(bbox, self.step)]
@@ -270,23 +270,44 @@ class _Peaks:
         return (self.rows >= r0) & (self.rows < r1) & (self.cols >= c0) & (self.cols < c1)
 
 
-def _peaks(response: np.ndarray, step: int) -> _Peaks:
-    """Positive 3x3 local maxima of ``response`` (sampled every ``step`` px), in full-resolution
-    coordinates: one per distinct blob, not one per pixel. The outermost samples are skipped.
+def _peaks(response: np.ndarray, step: int, sign: int = 1) -> _Peaks:
+    """Positive 3x3 local maxima of ``sign * response`` (sampled every ``step`` px), in
+    full-resolution coordinates: one per distinct blob, not one per pixel. The outermost samples
+    are skipped.
 
     Each peak also gets its roundness, the ratio of the smaller to the larger curvature of the
     response there (the Hessian's eigenvalues): ~1 for a round pit, ~0 for a ridge such as a
     track or a furrow, whose DoG maxima are elongated.
+
+    This runs eight times per scene over maps of up to a megapixel, so it is written for speed
+    without changing a result: the samples that beat their left and right neighbours are found
+    first (a few per cent of the map), and only they are compared with the six above and below.
+    ``sign`` -1 finds the bright blobs without negating the whole map.
     """
+    width = response.shape[1]
     inner = response[1:-1, 1:-1]
-    rows = np.maximum(np.maximum(response[:-2], response[1:-1]), response[2:])
-    neighbourhood = np.maximum(np.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
-    r, c = np.nonzero((inner >= neighbourhood) & (inner > 0))
+    above = np.greater if sign > 0 else np.less
+    at_least = np.greater_equal if sign > 0 else np.less_equal
+    candidate = above(inner, 0)
+    candidate &= at_least(inner, response[1:-1, :-2])
+    candidate &= at_least(inner, response[1:-1, 2:])
+    r, c = np.divmod(np.flatnonzero(candidate), max(width - 2, 1))
     r, c = r + 1, c + 1
-    centre = response[r, c]
-    dxx = 2 * centre - response[r, c - 1] - response[r, c + 1]
-    dyy = 2 * centre - response[r - 1, c] - response[r + 1, c]
-    dxy = (response[r + 1, c + 1] + response[r - 1, c - 1] - response[r + 1, c - 1] - response[r - 1, c + 1]) / 4
+    flat = response.ravel()  # gathering by flat index is several times cheaper than by (row, col)
+
+    def at(dr: int, dc: int) -> np.ndarray:
+        values = flat[index + (dr * width + dc)]
+        return values if sign > 0 else -values
+
+    index = r * width + c
+    centre = at(0, 0)
+    keep = np.ones(len(r), bool)
+    for dr, dc in itertools.product((-1, 1), (-1, 0, 1)):
+        keep &= centre >= at(dr, dc)
+    r, c, index, centre = r[keep], c[keep], index[keep], centre[keep]
+    dxx = 2 * centre - at(0, -1) - at(0, 1)
+    dyy = 2 * centre - at(-1, 0) - at(1, 0)
+    dxy = (at(1, 1) + at(-1, -1) - at(1, -1) - at(-1, 1)) / 4
     half_trace, half_gap = (dxx + dyy) / 2, np.sqrt(((dxx - dyy) / 2) ** 2 + dxy * dxy)
     roundness = np.clip(half_trace - half_gap, 0, None) / (half_trace + half_gap + _EPS)
     return _Peaks(r * step, c * step, centre, roundness)
