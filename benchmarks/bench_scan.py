@@ -29,7 +29,7 @@ How it is measured:
 * Results are read through ``RunStore``'s API only (``status()``, ``events()``, ``scenes()``), never
   its SQLite tables. Each scan must exit 0 with every scene done (none failed, partial or dropped)
   and flag the same scenes as the first scan, once per repeat of the grid: which scenes that is
-  depends on the model (the shipped fast model misses positive2) and is printed with the table.
+  depends on the model (the fast model before its retrain missed positive2) and is printed with the table.
 * One warm-up scan (not counted) fills the page cache, then configurations are interleaved round by
   round (rotating their order), so a burst of outside load spreads over all of them. The machine is
   shared: the load average at start and end goes into the JSON; judge absolute seconds by it.
@@ -275,8 +275,8 @@ class Bench:
         self.positives = labelled_positives(regions[min(regions)])
         self.problems: list[str] = []
         #: The scenes (by example name) that the first scan flagged; every later scan must agree.
-        #: Which scenes a model flags is its own business (the shipped fast model misses
-        #: positive2); a scan that flags others than the rest did is a wrong result.
+        #: Which scenes a model flags is its own business (the fast model before its retrain
+        #: missed positive2); a scan that flags others than the rest did is a wrong result.
         self.flagged_ref: list[str] | None = None
         self._n = 0
 

@@ -15,7 +15,7 @@ from amber_hunter.model.segment import SlicParams, segment
 
 
 def study_slic(image: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    """SLIC called as the study (and every bundle so far) calls it, at full size."""
+    """SLIC called as the study (and bundles without a scale) call it, at full size."""
     return slic(
         image.astype(np.float32) / np.float32(255.0),
         n_segments=30,

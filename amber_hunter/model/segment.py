@@ -21,7 +21,7 @@ from ..errors import ConfigError, ImageError
 N_SEGMENTS = 30
 COMPACTNESS = 35.0
 SIGMA = 1.0
-#: The SLIC scale new bundles (and every bundled model) use: at 1/2 the segmentation agrees with
+#: The SLIC scale new bundles (and the default and balanced bundles; fast uses 1/3) use: at 1/2 the segmentation agrees with
 #: full size at ARI 0.975, every example scene keeps its flag with the default and fast models (the
 #: ones measured; balanced was trained later, at this scale), and SLIC takes 0.23 of the time
 #: (training/results/slic_scale.md).
