@@ -26,8 +26,9 @@ from amber_hunter.model.segment import SlicParams
 
 #: Bundled name -> (embedder, SLIC scale). Why these embedders: the README's "How good is it?"
 #: table (vgg16+efflite0+texture wins on grouped and on both spatial axes; efflite0+texture is the
-#: best model without VGG16, whose per-crop pass is most of a CPU scan). The fast model flags positive2.png with three positive superpixels, the fewest that flag: the check
-#: guards it too, so a retrain that loses it says so. Why these scales
+#: best model without VGG16, whose per-crop pass is most of a CPU scan). The fast model flags
+#: positive2.png with three positive superpixels, the fewest that flag: the check guards it too,
+#: so a retrain that loses it says so. Why these scales
 #: (``training/results/slic_scale.md``, measured with the default model and the fast model of the
 #: time): the CNN models stay at 1/2, the closer one to full-size superpixels, since SLIC is a small
 #: part of their time; at 1/2 SLIC was a quarter of the fast model's CPU time, and at 1/3 it costs

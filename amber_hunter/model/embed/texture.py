@@ -294,12 +294,12 @@ def _peaks(response: np.ndarray, step: int, sign: int = 1) -> _Peaks:
     r, c = np.divmod(np.flatnonzero(candidate), max(width - 2, 1))
     r, c = r + 1, c + 1
     flat = response.ravel()  # gathering by flat index is several times cheaper than by (row, col)
+    index = r * width + c
 
     def at(dr: int, dc: int) -> np.ndarray:
-        values = flat[index + (dr * width + dc)]
+        values = flat[index + (dr * width + dc)]  # ``index`` as it is when called: after ``keep``, the peaks
         return values if sign > 0 else -values
 
-    index = r * width + c
     centre = at(0, 0)
     keep = np.ones(len(r), bool)
     for dr, dc in itertools.product((-1, 1), (-1, 0, 1)):
