@@ -14,7 +14,9 @@ How it is measured:
   downloaded; the server counts the requests to prove it.
 * Each scan is the real CLI (``amber-hunter scan``) in its own process. Its peak RSS is that
   process's own ``ru_maxrss``, read with ``os.wait4`` on its pid (``RUSAGE_CHILDREN`` would be the
-  maximum over all children so far). Its CPU time (user + system) comes from the same call.
+  maximum over all children so far). Its CPU time (user + system) comes from the same call, plus
+  that of the processes that outlive it and are adopted by this one (Linux's child subreaper,
+  :func:`_reap_orphans`): the fork server that starts ``--workers`` processes, whose CPU it reaps.
   ``/proc/<pid>/status`` is also sampled during the run, to show whether RSS climbs scene after
   scene (``rss growth``: peak RSS over the last third of the scene phase, from the first scene
   committed to the last, minus the peak over its first third; start-up is left out).
@@ -185,8 +187,47 @@ def _maxrss_mb(ru) -> float:
     return ru.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
+#: ``prctl`` option making a process the adopter of its descendants' orphans (linux/prctl.h).
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _adopt_orphans() -> bool:
+    """Make this process adopt the orphans of the scans it runs, so their CPU time can be counted.
+
+    A scan's ``--workers`` are forked by multiprocessing's fork server, which the scan starts but
+    never waits for: the workers' CPU time lands in the server's rusage, and the server, orphaned
+    when the scan exits, would be reaped by init with it. False where there is no ``prctl``.
+    """
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans(timeout_s: float = 30.0) -> float:
+    """Wait for the adopted orphans of a finished scan (they exit within a second of it) and return
+    their CPU seconds, their own reaped children's included. This script runs one child at a time,
+    so every child left here is one."""
+    cpu, deadline = 0.0, time.monotonic() + timeout_s
+    while True:
+        try:
+            pid, _, ru = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return cpu
+        if pid:
+            cpu += ru.ru_utime + ru.ru_stime
+        elif time.monotonic() > deadline:
+            raise SystemExit(f"bench: a finished scan left processes running for {timeout_s:.0f} s")
+        else:
+            time.sleep(0.05)
+
+
 def run_cli(args: list[str], cwd: Path, log: Path) -> dict:
-    """Run ``amber-hunter ARGS`` and return its wall time, CPU time, peak RSS and exit code."""
+    """Run ``amber-hunter ARGS`` and return its wall time, CPU time (its adopted orphans'
+    included), peak RSS and exit code."""
+    adopting = _adopt_orphans()
     with open(log, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cli_command() + args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
@@ -197,7 +238,7 @@ def run_cli(args: list[str], cwd: Path, log: Path) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {
         "wall_s": wall,
-        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "cpu_s": ru.ru_utime + ru.ru_stime + (_reap_orphans() if adopting else 0.0),
         "peak_rss_mb": _maxrss_mb(ru),
         "rss_samples": sampler.samples,
         "returncode": proc.returncode,

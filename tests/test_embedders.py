@@ -117,6 +117,24 @@ def test_texture_peaks_are_every_positive_local_maximum_ties_included(response, 
         np.testing.assert_array_equal(got, want)
 
 
+@settings(max_examples=150, deadline=None)
+@given(values=arrays(np.float32, st.tuples(st.integers(1, 13), st.integers(1, 13)),
+                     elements=st.floats(-1e6, 1e6, width=32)))
+def test_texture_halving_is_the_mean_of_each_2x2_block_to_the_bit(values):
+    """``_halve`` gives exactly what the mean of each edge-padded 2x2 block gives, to the bit: the
+    texture features (and so every trained bundle and cached embedding) must not move with it.
+    Odd sides, single rows and columns, and strided input included."""
+    from amber_hunter.model.embed.texture import _halve
+
+    h, w = values.shape
+    padded = np.pad(values, ((0, h % 2), (0, w % 2)), mode="edge")
+    want = padded.reshape((h + 1) // 2, 2, (w + 1) // 2, 2).mean(axis=(1, 3))
+    got = _halve(values)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(_halve(np.repeat(values, 2, axis=1)[:, ::2]), want)
+
+
 # --- combining and choosing embedders -----------------------------------------------------------
 
 

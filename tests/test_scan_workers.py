@@ -3,6 +3,7 @@ scenes in the main process, one writer. The results must be exactly those of a o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -89,12 +90,41 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _workers(scan: int) -> set[int]:
+    """The scan's worker processes: the children of the fork server it started (from /proc).
+
+    A zombie's cmdline reads empty, so the server is looked for among live children only.
+    """
+    servers = set()
+    for pid in _children(scan):
+        with contextlib.suppress(OSError):
+            if b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                servers.add(pid)
+    return {worker for server in servers for worker in _children(server)}
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_forked_worker_runs_in_the_scans_environment_and_folder_of_now(tiny_model, tmp_path, monkeypatch):
+    """Workers fork from a server that lives as long as this process and keeps the environment and
+    folder it started with; each worker must still see the scan's of now, as a spawned one would."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from amber_hunter.run import workers
+
+    workers.start_server()  # started here, or by an earlier test, before the changes below
+    monkeypatch.setenv("AMBER_HUNTER_PROBE", "set after the fork server started")
+    monkeypatch.chdir(tmp_path)
+    initargs = (os.getpid(), dict(os.environ), os.getcwd(), str(tiny_model), 3, False, {})
+    with ProcessPoolExecutor(1, mp_context=workers.context(), initializer=workers._start, initargs=initargs) as pool:
+        assert pool.submit(os.getenv, "AMBER_HUNTER_PROBE").result(timeout=60) == "set after the fork server started"
+        assert pool.submit(os.getcwd).result(timeout=60) == str(tmp_path)
 
 
 def test_a_scan_killed_with_minus_9_leaves_no_worker_behind(region, tiny_model, tmp_path):
@@ -107,7 +137,7 @@ def test_a_scan_killed_with_minus_9_leaves_no_worker_behind(region, tiny_model, 
         workers: set[int] = set()
         while len(workers) < 2:  # the two workers (and multiprocessing's resource tracker) are up
             assert proc.poll() is None and time.monotonic() < deadline, "the scan never started its workers"
-            workers = {p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()}
+            workers = _workers(proc.pid)
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -228,7 +258,7 @@ def test_ctrl_c_to_the_process_group_stops_a_multi_worker_scan_cleanly(folder_ru
         workers: set[int] = set()
         while len(workers) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, "the scan never started its workers"
-            workers = {p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()}
+            workers = _workers(proc.pid)
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)  # at once: a worker may still be starting
         _, err = proc.communicate(timeout=120)

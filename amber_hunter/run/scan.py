@@ -454,6 +454,10 @@ def scan(
     # Checked before any scene is fetched, and before the run directory exists: a typo must fail
     # now, leaving nothing behind, not after a night of failed scenes.
     config = current_model_config(run_dir, config)
+    if config.workers > 1 and not config.cluster:
+        from .workers import start_server
+
+        start_server()  # its imports overlap this process's loading of the model
     if config.cluster:  # the workers load the model and check it against the run's; not this process
         detector = None
     else:

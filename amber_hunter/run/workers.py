@@ -6,15 +6,24 @@ worker processes that turn fetched tiles into prepared scenes, while the main pr
 (in threads, behind the run's one rate limiter and tile cache), runs the CNN over several scenes
 at once and is the one writer of the run store.
 
-Workers are started with ``spawn``, not ``fork``: the main process may hold TensorFlow's thread
-pools, which a forked child would inherit in an undefined state. Each worker loads the model once,
-in its initializer, without building the CNN (the embedder builds it lazily and only the main
-process embeds with it). Workers ignore SIGINT, so the scan's own Ctrl-C handling (finish the
-scene in flight, then stop) is not cut short by a KeyboardInterrupt in every child.
+Workers are never forked from the scan itself: the main process may hold TensorFlow's thread
+pools and the fetch threads, which a forked child would inherit in an undefined state. They are
+forked from multiprocessing's *fork server*, a fresh single-threaded process that imports the
+detector's modules once (:data:`PRELOAD`), so a worker starts in milliseconds; started with
+``spawn`` instead, each one paid ~3 s of CPU for the same imports (xgboost alone pulls in
+scikit-learn and pandas), which on 2 cores is ~3 s of a short scan's wall time. Where there is no
+fork server (Windows), workers are spawned. A forked worker gets the scan's environment and working
+directory at its start (:func:`_start`), as a spawned one would, not the fork server's.
+
+Each worker loads the model once, in its initializer, without building the CNN (the embedder
+builds it lazily and only the main process embeds with it). Workers ignore SIGINT, so the scan's
+own Ctrl-C handling (finish the scene in flight, then stop) is not cut short by a
+KeyboardInterrupt in every child.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -25,6 +34,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from ..errors import ConfigError, RunAbortError
 from .config import MAX_WORKERS, RunConfig
@@ -38,6 +48,10 @@ WORKER_MB = 500
 
 #: How often a worker checks that its scan is still alive.
 PARENT_POLL_S = 0.5
+
+#: Modules the fork server imports before it forks any worker: everything a worker runs but the
+#: CNN, which only the main process builds. None of them imports TensorFlow.
+PRELOAD = ("amber_hunter.run.scan", "amber_hunter.model.detect", "xgboost")
 
 _detector = None  # the worker process's model, loaded once by _start
 _settings: dict = {}
@@ -80,21 +94,84 @@ def default_workers() -> int:
     return n
 
 
-def _exit_with(parent: int) -> None:
+PROC = Path("/proc")
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited. A scan killed with ``kill -9`` stays a
+    zombie until its parent reaps it, and ``kill(pid, 0)`` still finds a zombie: a parent that
+    first waits for the scan's output pipes, which the workers hold open, would wait forever.
+    So where there is a ``/proc``, its state is read; elsewhere only existence can be checked."""
+    if (PROC / "self" / "stat").is_file():
+        try:
+            state = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+    try:  # pragma: no cover - no /proc (macOS)
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: a reused pid, not our scan
+        return False
+    return True
+
+
+def _exit_with(scan: int, parent: int) -> None:
     """End this worker when the scan that started it is gone. A scan killed with ``kill -9`` cannot
-    stop its workers; without this they would live on, holding its memory and its output pipes."""
-    while os.getppid() == parent:
+    stop its workers; without this they would live on, holding its memory and its output pipes.
+
+    ``parent`` is this worker's parent at its start: the scan, or the fork server, which exits
+    when the scan does. Either way the worker is adopted by another process when the scan dies;
+    the scan's own pid also covers a scan that died while this worker was starting.
+    """
+    while os.getppid() == parent and _running(scan):
         time.sleep(PARENT_POLL_S)
     os._exit(1)
 
 
-def _start(parent: int, model: str | None, min_positive: int, allow_random: bool, settings: dict) -> None:
+def context() -> multiprocessing.context.BaseContext:
+    """The fork server with :data:`PRELOAD` where the platform has one, else ``spawn``."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # pragma: no cover - Windows
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))  # read when the fork server starts: once per process
+    return ctx
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread for the block: a process started meanwhile inherits the mask,
+    so a Ctrl-C sent to the whole process group cannot kill it before it ignores SIGINT."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def start_server() -> None:
+    """Start the fork server now, so that it imports :data:`PRELOAD` on one core while the scan
+    loads its model on another, and the first worker is forked at once. A no-op where workers are
+    spawned or the server already runs."""
+    if context().get_start_method() != "forkserver":  # pragma: no cover - Windows
+        return
+    from multiprocessing import forkserver
+
+    with _sigint_blocked():
+        forkserver.ensure_running()
+
+
+def _start(scan: int, environ: dict, cwd: str, model: str | None, min_positive: int, allow_random: bool,
+           settings: dict) -> None:
     global _detector, _settings
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by ScenePool._submit until now
-    # The scan's pid comes from the scan itself: if it died while this worker was starting, our
-    # own getppid() would already name the process that adopted us.
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="amber-parent-watch").start()
+    threading.Thread(target=_exit_with, args=(scan, os.getppid()), daemon=True, name="amber-parent-watch").start()
+    # The fork server's environment and folder are the scan's when the server started, which in a
+    # long-lived process (a notebook, the tests) may be long ago: a relative --model path, the
+    # cache folders and AMBER_HUNTER_* settings must be the scan's of now.
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     from ..model.detect import Detector
 
     _detector = Detector.load(model, min_positive=min_positive, allow_random=allow_random)
@@ -113,19 +190,18 @@ class ScenePool:
     def __init__(self, config: RunConfig):
         settings = {"model": config.model_hash, "tile_size": config.tile_size, "min_valid": config.min_valid}
         self._pool = ProcessPoolExecutor(
-            config.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-            initargs=(os.getpid(), config.model, config.min_positive, config.allow_random, settings),
+            config.workers, mp_context=context(), initializer=_start,
+            initargs=(os.getpid(), dict(os.environ), os.getcwd(), config.model, config.min_positive,
+                      config.allow_random, settings),
         )
 
     def _submit(self, fetched: FetchedScene):
         """Submit one scene. A worker process is started on a submit, and a Ctrl-C (sent to the
         whole process group) reaching it before its initializer ignores SIGINT would kill it and
-        break the pool: SIGINT stays blocked while it starts, which it inherits."""
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
+        break the pool: SIGINT stays blocked while it starts, which it inherits (through the fork
+        server, started with the same mask by :func:`start_server` or the first submit)."""
+        with _sigint_blocked():
             return self._pool.submit(_prepare, fetched)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def outcomes(self, fetched: Iterable[FetchedScene], window: int) -> Iterator:
         """Prepared scenes, in the order given, with at most ``window`` in the workers at once, so
