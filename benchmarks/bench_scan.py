@@ -16,7 +16,8 @@ How it is measured:
   process's own ``ru_maxrss``, read with ``os.wait4`` on its pid (``RUSAGE_CHILDREN`` would be the
   maximum over all children so far). Its CPU time (user + system) comes from the same call, plus
   that of the processes that outlive it and are adopted by this one (Linux's child subreaper,
-  :func:`_reap_orphans`): the fork server that starts ``--workers`` processes, whose CPU it reaps.
+  :func:`_reap_orphans`): the fork server that starts ``--workers`` processes and reaps them, so
+  its rusage holds theirs. The peak RSS is the larger of the scan's and theirs.
   ``/proc/<pid>/status`` is also sampled during the run, to show whether RSS climbs scene after
   scene (``rss growth``: peak RSS over the last third of the scene phase, from the first scene
   committed to the last, minus the peak over its first third; start-up is left out).
@@ -206,28 +207,57 @@ def _adopt_orphans() -> bool:
         return False
 
 
-def _reap_orphans(timeout_s: float = 30.0) -> float:
-    """Wait for the adopted orphans of a finished scan (they exit within a second of it) and return
-    their CPU seconds, their own reaped children's included. This script runs one child at a time,
-    so every child left here is one."""
-    cpu, deadline = 0.0, time.monotonic() + timeout_s
+@dataclass
+class Orphans:
+    """What the adopted orphans reaped since the last call left: CPU seconds and the largest peak
+    RSS (each with their own reaped children's, which is where the fork server's workers are)."""
+
+    cpu_s: float = 0.0
+    maxrss_mb: float = 0.0
+    still_running: int = 0
+
+
+def _reap_orphans(wait_s: float) -> Orphans:
+    """Reap every child of this process but the running scan: the orphans a scan left, which
+    exit within a second of it (the fork server, once its workers are gone). Waits up to
+    ``wait_s`` for them; any still running then are counted and left (the caller warns), so a
+    stuck process costs a warning, not a benchmark's hours."""
+    out, deadline = Orphans(), time.monotonic() + wait_s
     while True:
         try:
             pid, _, ru = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
-            return cpu
+            return out
         if pid:
-            cpu += ru.ru_utime + ru.ru_stime
-        elif time.monotonic() > deadline:
-            raise SystemExit(f"bench: a finished scan left processes running for {timeout_s:.0f} s")
+            out.cpu_s += ru.ru_utime + ru.ru_stime
+            out.maxrss_mb = max(out.maxrss_mb, _maxrss_mb(ru))
+        elif time.monotonic() >= deadline:
+            out.still_running = len(_child_pids())
+            return out
         else:
             time.sleep(0.05)
 
 
+def _child_pids() -> list[int]:
+    """This process's live children, from /proc (empty elsewhere)."""
+    me, found = os.getpid(), []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                found.append(int(entry.name))
+    return found
+
+
 def run_cli(args: list[str], cwd: Path, log: Path) -> dict:
-    """Run ``amber-hunter ARGS`` and return its wall time, CPU time (its adopted orphans'
-    included), peak RSS and exit code."""
+    """Run ``amber-hunter ARGS`` and return its wall time, CPU time and peak RSS (its adopted
+    orphans' included: the fork server and its workers) and exit code.
+
+    Orphans of anything this process ran before (a baseline, a build script) are reaped first,
+    without waiting, so that none is counted against this scan.
+    """
     adopting = _adopt_orphans()
+    if adopting:
+        _reap_orphans(wait_s=0)
     with open(log, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cli_command() + args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
@@ -236,10 +266,14 @@ def run_cli(args: list[str], cwd: Path, log: Path) -> dict:
             _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
+    orphans = _reap_orphans(wait_s=30) if adopting else Orphans()
+    if orphans.still_running:
+        print(f"bench: {orphans.still_running} processes of the scan still ran 30 s after it; their CPU is not "
+              "counted", file=sys.stderr)
     return {
         "wall_s": wall,
-        "cpu_s": ru.ru_utime + ru.ru_stime + (_reap_orphans() if adopting else 0.0),
-        "peak_rss_mb": _maxrss_mb(ru),
+        "cpu_s": ru.ru_utime + ru.ru_stime + orphans.cpu_s,
+        "peak_rss_mb": max(_maxrss_mb(ru), orphans.maxrss_mb),
         "rss_samples": sampler.samples,
         "returncode": proc.returncode,
         "output": log.read_text(errors="replace")[-2000:],

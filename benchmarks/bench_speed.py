@@ -8,7 +8,8 @@ bundle folder), every scene count in ``--scenes`` (the 6-scene demo grid laid K 
   a fresh run directory, reading tiles through one shared ``--tile-cache`` that an untimed scan
   filled first. Wall time (start-up and model loading included), the run's own steady rate from
   its event times (``store scenes/s``, the first scene and so model loading left out), CPU time
-  and peak RSS (``os.wait4`` on the pid), and the run's per-stage seconds when ``RunStatus`` has
+  and peak RSS (``os.wait4`` on the pid and on the fork server it leaves, which holds its workers'
+  figures: ``bench_scan.run_cli``), and the run's per-stage seconds when ``RunStatus`` has
   ``stage_seconds`` (read through ``RunStore``'s API only; empty otherwise).
 * **The reference baseline**: ``benchmarks/study_loop.py``, our implementation of the study's
   per-scene loop (decode, float64, SLIC(30, 35, 1), bbox crops resized to 224 with

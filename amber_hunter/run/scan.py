@@ -454,18 +454,15 @@ def scan(
     # Checked before any scene is fetched, and before the run directory exists: a typo must fail
     # now, leaving nothing behind, not after a night of failed scenes.
     config = current_model_config(run_dir, config)
-    if config.workers > 1 and not config.cluster:
-        from .workers import start_server
-
-        start_server()  # its imports overlap this process's loading of the model
     if config.cluster:  # the workers load the model and check it against the run's; not this process
         detector = None
     else:
-        detector = Detector.load(config.model, min_positive=config.min_positive, allow_random=config.allow_random)
         if config.workers > 1:
-            from .workers import check_memory
+            from .workers import check_memory, start_server
 
             check_memory(config.workers)
+            start_server()  # its imports overlap this process's loading of the model
+        detector = Detector.load(config.model, min_positive=config.min_positive, allow_random=config.allow_random)
     created = not Path(run_dir).exists()
     try:
         with open_tiles(config) as raw, RunStore(run_dir, config, force=force) as store, \

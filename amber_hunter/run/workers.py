@@ -8,12 +8,14 @@ at once and is the one writer of the run store.
 
 Workers are never forked from the scan itself: the main process may hold TensorFlow's thread
 pools and the fetch threads, which a forked child would inherit in an undefined state. They are
-forked from multiprocessing's *fork server*, a fresh single-threaded process that imports the
-detector's modules once (:data:`PRELOAD`), so a worker starts in milliseconds; started with
-``spawn`` instead, each one paid ~3 s of CPU for the same imports (xgboost alone pulls in
-scikit-learn and pandas), which on 2 cores is ~3 s of a short scan's wall time. Where there is no
-fork server (Windows), workers are spawned. A forked worker gets the scan's environment and working
-directory at its start (:func:`_start`), as a spawned one would, not the fork server's.
+forked from multiprocessing's *fork server* (on Linux), a fresh process, without TensorFlow or
+fetch threads, that imports the detector's modules once (:data:`PRELOAD`), so a worker starts in
+milliseconds; started with ``spawn`` instead, each one paid ~3 s of CPU for the same imports
+(xgboost alone pulls in scikit-learn and pandas), which on 2 cores is ~3 s of a short scan's wall
+time. Elsewhere workers are spawned (macOS: forking after its Accelerate and OpenMP libraries
+are loaded is unsafe). A forked worker gets the scan's environment of now (:func:`_start`), as
+a spawned one would, not the fork server's; multiprocessing itself gives it the scan's folder
+and ``sys.path``.
 
 Each worker loads the model once, in its initializer, without building the CNN (the embedder
 builds it lazily and only the main process embeds with it). Workers ignore SIGINT, so the scan's
@@ -28,6 +30,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -119,9 +122,10 @@ def _exit_with(scan: int, parent: int) -> None:
     """End this worker when the scan that started it is gone. A scan killed with ``kill -9`` cannot
     stop its workers; without this they would live on, holding its memory and its output pipes.
 
-    ``parent`` is this worker's parent at its start: the scan, or the fork server, which exits
-    when the scan does. Either way the worker is adopted by another process when the scan dies;
-    the scan's own pid also covers a scan that died while this worker was starting.
+    A spawned worker's ``parent`` (its parent at start) is the scan, and changes when the scan
+    dies. A forked worker's is the fork server, which lives on until the scan *and* its workers
+    are gone (each worker holds the server's keep-alive pipe), so there the scan's own state
+    decides (:func:`_running`). It also covers a scan that died while this worker was starting.
     """
     while os.getppid() == parent and _running(scan):
         time.sleep(PARENT_POLL_S)
@@ -129,11 +133,16 @@ def _exit_with(scan: int, parent: int) -> None:
 
 
 def context() -> multiprocessing.context.BaseContext:
-    """The fork server with :data:`PRELOAD` where the platform has one, else ``spawn``."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():  # pragma: no cover - Windows
+    """The fork server with :data:`PRELOAD` on Linux, else ``spawn`` (see the module docstring).
+
+    The preload is read when the server starts, once per process: in a process whose fork
+    server already runs (started by other code, or Python's default start method elsewhere),
+    workers fork from that one and import what it lacks themselves.
+    """
+    if not sys.platform.startswith("linux"):  # pragma: no cover - the tests run on Linux
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))  # read when the fork server starts: once per process
+    ctx.set_forkserver_preload(list(PRELOAD))
     return ctx
 
 
@@ -150,9 +159,14 @@ def _sigint_blocked() -> Iterator[None]:
 
 def start_server() -> None:
     """Start the fork server now, so that it imports :data:`PRELOAD` on one core while the scan
-    loads its model on another, and the first worker is forked at once. A no-op where workers are
-    spawned or the server already runs."""
-    if context().get_start_method() != "forkserver":  # pragma: no cover - Windows
+    loads its model on another, and the first worker is forked at once (the first scene was
+    stored ~2 s sooner on the demo). A no-op where workers are spawned or the server already runs.
+
+    The price: a scan refused after this (a model or source that fails its checks) or with
+    nothing left to do leaves the server to finish its imports, ~3 s of one core, before it sees
+    the scan is gone and exits; a caller reading the scan's output through a pipe waits for it.
+    """
+    if context().get_start_method() != "forkserver":  # pragma: no cover - not Linux
         return
     from multiprocessing import forkserver
 
@@ -160,18 +174,17 @@ def start_server() -> None:
         forkserver.ensure_running()
 
 
-def _start(scan: int, environ: dict, cwd: str, model: str | None, min_positive: int, allow_random: bool,
+def _start(scan: int, environ: dict, model: str | None, min_positive: int, allow_random: bool,
            settings: dict) -> None:
     global _detector, _settings
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by ScenePool._submit until now
     threading.Thread(target=_exit_with, args=(scan, os.getppid()), daemon=True, name="amber-parent-watch").start()
-    # The fork server's environment and folder are the scan's when the server started, which in a
-    # long-lived process (a notebook, the tests) may be long ago: a relative --model path, the
-    # cache folders and AMBER_HUNTER_* settings must be the scan's of now.
+    # The fork server's environment is the scan's when the server started, which in a long-lived
+    # process (a notebook, the tests) may be long ago: the cache folders, AMBER_HUNTER_* and
+    # OpenMP settings must be the scan's of now.
     os.environ.clear()
     os.environ.update(environ)
-    os.chdir(cwd)
     from ..model.detect import Detector
 
     _detector = Detector.load(model, min_positive=min_positive, allow_random=allow_random)
@@ -191,8 +204,8 @@ class ScenePool:
         settings = {"model": config.model_hash, "tile_size": config.tile_size, "min_valid": config.min_valid}
         self._pool = ProcessPoolExecutor(
             config.workers, mp_context=context(), initializer=_start,
-            initargs=(os.getpid(), dict(os.environ), os.getcwd(), config.model, config.min_positive,
-                      config.allow_random, settings),
+            initargs=(os.getpid(), dict(os.environ), config.model, config.min_positive, config.allow_random,
+                      settings),
         )
 
     def _submit(self, fetched: FetchedScene):

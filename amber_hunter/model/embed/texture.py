@@ -331,7 +331,9 @@ def _halve(values: np.ndarray) -> np.ndarray:
     if h % 2 or w % 2:
         values = np.pad(values, ((0, h % 2), (0, w % 2)), mode="edge")
     top, bottom = values[0::2], values[1::2]
-    return ((top[:, 0::2] + top[:, 1::2]) + (bottom[:, 0::2] + bottom[:, 1::2])) / np.float32(4)
+    mean = ((top[:, 0::2] + top[:, 1::2]) + (bottom[:, 0::2] + bottom[:, 1::2])) / np.float32(4)
+    mean += np.float32(0)  # a block of -0.0 sums to -0.0, where numpy's mean gives +0.0
+    return mean
 
 
 def _to_u8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
