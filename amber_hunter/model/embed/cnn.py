@@ -255,7 +255,8 @@ def tflite_model(model, name: str, identity: str = "") -> bytes:
     The key covers what makes two converted models differ: ``identity`` (the embedder's name,
     version and params: two poolings of VGG16 share every weight), the input and output shapes,
     the sequence of layer types, every weight's shape, dtype and bytes, and the TensorFlow and
-    Keras versions. A cache entry that cannot be read, or a folder that cannot be written, only
+    Keras versions. A cache entry that cannot be read or that TFLite refuses (cut short), or a
+    folder that cannot be written, only
     costs a conversion.
     """
     keras = _import_keras()
@@ -271,8 +272,9 @@ def tflite_model(model, name: str, identity: str = "") -> bytes:
     path = compiled_cache_dir() / f"{name}-{h.hexdigest()[:32]}.tflite"
     with contextlib.suppress(OSError):
         blob = path.read_bytes()
-        if blob[4:8] == TFLITE_ID:
+        if blob[4:8] == TFLITE_ID and _valid_flatbuffer(blob):
             return blob
+        log.warning("the cached converted %s model %s is damaged: converting it again", name, path)
     log.info("converting %s to TensorFlow Lite (once per machine: seconds), kept in %s", name, path.parent)
     # The converter exports a SavedModel first and prints "Saved artifact at ..." to stdout.
     try:
@@ -287,6 +289,21 @@ def tflite_model(model, name: str, identity: str = "") -> bytes:
         log.warning("cannot keep the converted %s in %s (%s): it is converted again next time",
                     name, path.parent, exc.strerror)
     return blob
+
+
+def _valid_flatbuffer(blob: bytes) -> bool:
+    """Whether TFLite accepts ``blob``: a cache entry cut short (a full disk, a copy interrupted)
+    keeps its header but not its body, and would otherwise fail every later scan (~1 ms for
+    Lite0's 13 MB)."""
+    import tensorflow as tf
+
+    with warnings.catch_warnings(), _quiet_stderr():
+        warnings.simplefilter("ignore")  # "tf.lite.Interpreter is deprecated"
+        try:
+            tf.lite.Interpreter(model_content=blob)
+        except (ValueError, RuntimeError):
+            return False
+    return True
 
 
 def tflite_forward(blob: bytes, size: int, input_size: int) -> Callable[[np.ndarray], np.ndarray]:
