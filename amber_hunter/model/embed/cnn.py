@@ -256,8 +256,7 @@ def tflite_model(model, name: str, identity: str = "") -> bytes:
     version and params: two poolings of VGG16 share every weight), the input and output shapes,
     the sequence of layer types, every weight's shape, dtype and bytes, and the TensorFlow and
     Keras versions. A cache entry that cannot be read or that TFLite refuses (cut short), or a
-    folder that cannot be written, only
-    costs a conversion.
+    folder that cannot be written, only costs a conversion.
     """
     keras = _import_keras()
     import tensorflow as tf
