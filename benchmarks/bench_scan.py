@@ -232,20 +232,20 @@ def _reap_orphans(wait_s: float) -> Orphans:
             out.cpu_s += ru.ru_utime + ru.ru_stime
             out.maxrss_mb = max(out.maxrss_mb, _maxrss_mb(ru))
         elif time.monotonic() >= deadline:
-            out.still_running = len(_child_pids())
+            out.still_running = sum(ppid == os.getpid() for ppid in proc_parents().values())
             return out
         else:
             time.sleep(0.05)
 
 
-def _child_pids() -> list[int]:
-    """This process's live children, from /proc (empty elsewhere)."""
-    me, found = os.getpid(), []
+def proc_parents() -> dict[int, int]:
+    """Every process's parent pid, from /proc (empty elsewhere)."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
-                found.append(int(entry.name))
-    return found
+            # The command name may hold spaces and parentheses: split after its last ")".
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    return parents
 
 
 def run_cli(args: list[str], cwd: Path, log: Path) -> dict:

@@ -185,12 +185,7 @@ class TreeRss:
 
     @staticmethod
     def _descendants_kb(root: int) -> int:
-        parents: dict[int, int] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError, IndexError, ValueError):
-                    # The command name may hold spaces and parentheses: split after its last ")".
-                    parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        parents = bench_scan.proc_parents()
         tree, frontier = set(), {root}
         while frontier:
             frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - tree

@@ -324,9 +324,9 @@ def _halve(values: np.ndarray) -> np.ndarray:
 
     Written as two sums of row pairs rather than ``reshape(...).mean(axis=(1, 3))``: the same
     float32 additions in the same order, so the same values to the last bit, but for the sign of
-    a zero (tests/test_embedders.py checks it), at a tenth of the time (1.2 ms against 11.6 ms a megapixel, and it runs on three
-    maps per scene). A map one block wide, which numpy sums in another order, is left to numpy:
-    images are padded to ``MIN_SIDE`` px, so no scene or crop is one.
+    a zero (tests/test_embedders.py checks it), at a tenth of the time (1.2 ms against 11.6 ms a
+    megapixel, three maps a scene). A map one block wide, which numpy sums in another order, is
+    left to numpy: images are padded to ``MIN_SIDE`` px, so no scene or crop is one.
     """
     h, w = values.shape
     if h % 2 or w % 2:
